@@ -1,0 +1,20 @@
+"""gne_jax: gradient norm equality probes, theory and layers for JAX/Flax.
+
+Each section below is owned by one part of the library; keep imports light
+(no TensorFlow, no plotting) so that ``import gne_jax`` stays fast.
+"""
+
+__version__ = "0.1.0"
+
+# --- probes: Jacobian operators, trace estimators, moments (issue 2) ---------
+
+# --- block structure (shared by models and per-block probes) ----------------
+from gne_jax.blocks import Block, BlockGroup, compose_blocks, iter_blocks  # noqa: F401
+
+# --- layers and models (issue 3) ---------------------------------------------
+
+# --- per-block moments, ensembles, sweeps (issue 4) --------------------------
+
+# --- theory (issue 5): use `gne_jax.theory` ----------------------------------
+
+# --- spectra and curvature (issue 6) -----------------------------------------
