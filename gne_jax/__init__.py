@@ -7,6 +7,9 @@ Each section below is owned by one part of the library; keep imports light
 __version__ = "0.1.0"
 
 # --- probes: Jacobian operators, trace estimators, moments (issue 2) ---------
+from gne_jax.jacobian import JacobianOperators, jacobian_operators  # noqa: F401
+from gne_jax.moments import JacobianMoments, jacobian_moments  # noqa: F401
+from gne_jax.stochtrace import TraceEstimate, hutchinson, hutchpp  # noqa: F401
 
 # --- block structure (shared by models and per-block probes) ----------------
 from gne_jax.blocks import Block, BlockGroup, compose_blocks, iter_blocks  # noqa: F401
