@@ -1,0 +1,1 @@
+"""Theory side: component library, composition rules and companion results."""
