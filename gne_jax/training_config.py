@@ -1,0 +1,70 @@
+"""The default training configuration; ``configs/train/*.py`` start from it.
+
+Every field is documented inline. Command-line overrides work as in the Flax
+examples, e.g. ``--config.num_epochs=10 --config.optimizer.learning_rate=0.05``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Paper CIFAR-10 defaults (experiments.md §1.2) with a placeholder model."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "cifar10"  # cifar10 | cifar100 | mnist | imagenet2012 | synthetic
+    c.dataset.data_dir = ""  # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
+    c.dataset.augment = True
+    # synthetic only:
+    c.dataset.num_train = 2048
+    c.dataset.num_eval = 512
+    c.dataset.image_size = 32
+    c.dataset.channels = 3
+    c.dataset.num_classes = 10
+
+    # Filled by gne_jax.models.default_config(name) in each config file.
+    c.model = ml_collections.ConfigDict()
+
+    c.batch_size = 128  # global batch over all devices and processes
+    c.eval_batch_size = 100
+    c.num_epochs = 130
+    c.num_train_steps = -1  # > 0 overrides num_epochs * steps_per_epoch
+    c.stop_after_steps = -1  # > 0: stop (as if preempted) after this step; resumable
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # sgd | adam
+    c.optimizer.learning_rate = 0.01
+    c.optimizer.momentum = 0.9
+    c.optimizer.nesterov = False
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 5e-4
+    c.optimizer.weight_decay_mask = "conv_dense"  # kernels | conv_dense | all | none
+    c.optimizer.clip = "value"  # none | value | norm
+    c.optimizer.clip_value = 2.0
+    c.optimizer.schedule = "step"  # constant | step | cosine
+    c.optimizer.lr_boundaries_epochs = (80,)
+    c.optimizer.lr_decay_factor = 0.1
+    c.optimizer.warmup_epochs = 0.0
+    c.optimizer.warmup_init_factor = 0.0
+    c.optimizer.scalar_pattern = ""  # regex on param paths: Fixup scalars at their own lr
+    c.optimizer.scalar_lr_factor = 0.1
+
+    c.mixup_alpha = 0.0  # > 0: mixup with Beta(alpha, alpha)
+
+    c.log_every_steps = 50  # progress bar + non-finite check
+    c.checkpoint_every_steps = 1000  # plus the end of the run; 0 = only at the end
+    c.eval_every_epochs = 1
+    c.grad_norm_epochs = 3  # log per-layer squared weight-gradient norms this many epochs
+    c.moments_every_steps = 0  # > 0: Jacobian moments of the network every N steps
+    c.moments_num_probes = 16
+    c.moments_batch = 8
+    c.prefetch = 2
+    c.progress_bar = True
+    c.tensorboard = True
+    c.overwrite = False  # allow writing into a workdir holding an earlier run's results
+    return c
