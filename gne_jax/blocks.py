@@ -73,7 +73,13 @@ def single_block(name: str, apply, params, h, *, branch=None, shortcut=None) -> 
 
 
 def run_group(group: BlockGroup, h: Array) -> Array:
-    """Applies the blocks of ``group`` in order to ``h`` with ``lax.scan``."""
+    """Applies the blocks of ``group`` in order to ``h`` with ``lax.scan``.
+
+    A group of one block is applied directly: single blocks (stem, down-sampling
+    block, head) may change the shape of ``h``, which a scan carry cannot.
+    """
+    if group.size == 1:
+        return group.apply(jax.tree.map(lambda a: a[0], group.params), h)
 
     def step(carry, p):
         return group.apply(p, carry), None
