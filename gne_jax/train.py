@@ -129,11 +129,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
 
 
 def kernel_paths(params: PyTree) -> list[tuple[str, ...]]:
-    """Paths of conv/dense kernels in creation order (input layer first).
-
-    Walks the nested dicts in insertion order (Flax creates parameters in call
-    order), unlike ``jax.tree.leaves``, which sorts keys ("Conv_10" < "Conv_2").
-    """
+    """Paths of conv/dense kernels in dict insertion order (Flax: call order)."""
     out = []
 
     def walk(node, path):
@@ -151,6 +147,56 @@ def _get(tree, path):
     for k in path:
         tree = tree[k]
     return tree
+
+
+class LayerGradNorms(NamedTuple):
+    """Per-layer squared gradient norms: ``fn(grads)[l] = ‖∇_{W_l} L‖²_F``, input layer first.
+
+    For a ``BlockModel`` the order follows ``model.layout()``; the kernels of a
+    scanned stage are stacked on a leading block axis and give one entry per block.
+    """
+
+    names: list[str]
+    fn: Callable[[PyTree], jax.Array]
+
+
+def layer_grad_norms(model: nn.Module, params: PyTree) -> LayerGradNorms:
+    """The :class:`LayerGradNorms` of ``model`` with parameters ``params``."""
+    stages = None
+    if hasattr(model, "layout"):
+        try:
+            stages = [st for st in model.layout() if st.name in params]
+        except Exception:  # noqa: BLE001  (custom models: fall back to the plain walk)
+            stages = None
+    entries = []  # (top-level key, kernel paths inside it, block names if stacked)
+    if stages:
+        for st in stages:
+            paths = [(st.name, *p) for p in kernel_paths(params[st.name])]
+            if paths:
+                entries.append((paths, st.block_names if st.scanned else None))
+    covered = {p for paths, _ in entries for p in paths}
+    if set(kernel_paths(params)) != covered:
+        entries = [([p], None) for p in kernel_paths(params)]
+    names = []
+    for paths, blocks in entries:
+        if blocks is None:
+            names += ["/".join(p) for p in paths]
+        else:
+            names += [f"{b}/{'/'.join(p[1:])}" for b in blocks for p in paths]
+
+    def fn(grads):
+        out = []
+        for paths, blocks in entries:
+            if blocks is None:
+                out += [jnp.sum(jnp.square(_get(grads, p)))[None] for p in paths]
+            else:  # (kernels, blocks) -> block-major order
+                per = jnp.stack([jnp.sum(jnp.square(_get(grads, p)),
+                                         axis=tuple(range(1, _get(grads, p).ndim)))
+                                 for p in paths])
+                out.append(per.T.reshape(-1))
+        return jnp.concatenate(out) if out else jnp.zeros((0,))
+
+    return LayerGradNorms(names, fn)
 
 
 def create_train_state(model: nn.Module, config, image_shape, steps_per_epoch: int, key):
@@ -174,7 +220,7 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state: TrainState, batch, *, base_key, mixup_alpha: float, grad_paths):
+def train_step(state: TrainState, batch, *, base_key, mixup_alpha: float, grad_sq_fn):
     """One SGD step on the global batch; returns the new state and step metrics."""
     images, labels = batch["image"], batch["label"]
     key = jax.random.fold_in(base_key, state.step)
@@ -201,8 +247,7 @@ def train_step(state: TrainState, batch, *, base_key, mixup_alpha: float, grad_p
     (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     pred = jnp.argmax(logits, -1)
     correct = lam * (pred == labels) + (1 - lam) * (pred == labels_b)
-    grad_sq = jnp.stack([jnp.sum(jnp.square(_get(grads, p))) for p in grad_paths]) if grad_paths \
-        else jnp.zeros((0,))
+    grad_sq = grad_sq_fn(grads)  # before clipping, as the paper's hooks
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     n = jnp.asarray(labels.shape[0], jnp.float32)
@@ -344,8 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     image_shape = (spec.image_size, spec.image_size, spec.channels)
     state, schedule = create_train_state(model, config, image_shape, spe, init_key)
     state = jax.device_put(state, replicated)
-    grad_paths = kernel_paths(state.params)
-    grad_names = ["/".join(p) for p in grad_paths]
+    grad_norms = layer_grad_norms(model, state.params)
+    grad_names = grad_norms.names
 
     ckpt = Checkpointer(workdir)
     _prepare_workdir(workdir, config, ckpt)
@@ -362,7 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     p_train_step = jax.jit(
         functools.partial(train_step, base_key=step_key, mixup_alpha=float(config.mixup_alpha),
-                          grad_paths=grad_paths),
+                          grad_sq_fn=grad_norms.fn),
         out_shardings=(replicated, replicated), donate_argnums=0)
     p_eval_step = jax.jit(eval_step, out_shardings=replicated)
     moments_x = None
@@ -451,6 +496,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         every = int(config.checkpoint_every_steps)
         if (every > 0 and done % every == 0) or done == stop:
             check_finite(done)
+            jax.block_until_ready(state)
             t_save = time.perf_counter()
             save(done)
             epoch_t0 += time.perf_counter() - t_save  # step time excludes checkpointing
