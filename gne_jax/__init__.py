@@ -15,6 +15,21 @@ from gne_jax.stochtrace import TraceEstimate, hutchinson, hutchpp  # noqa: F401
 from gne_jax.blocks import Block, BlockGroup, compose_blocks, iter_blocks  # noqa: F401
 
 # --- layers and models (issue 3) ---------------------------------------------
+from gne_jax.activations import (  # noqa: F401
+    ACTIVATIONS,
+    PReLU,
+    SPReLU,
+    get_activation,
+    selu_coefficients,
+    shaped_activation,
+)
+from gne_jax.initializers import (  # noqa: F401
+    INITIALIZERS,
+    activation_gain,
+    delta_orthogonal,
+    get_initializer,
+    orthogonal,
+)
 
 # --- per-block moments, ensembles, sweeps (issue 4) --------------------------
 

@@ -205,9 +205,10 @@ class PReLU(nn.Module):
 
     def _slope(self, x):
         shape = (x.shape[-1],) if self.per_channel else ()
-        return self.param(
+        a = self.param(
             "negative_slope", nn.initializers.constant(self.slope_init), shape, self.param_dtype
-        ).astype(x.dtype)
+        )
+        return jnp.asarray(a, x.dtype)
 
     @nn.compact
     def __call__(self, x):
