@@ -30,6 +30,16 @@ from gne_jax.initializers import (  # noqa: F401
     get_initializer,
     orthogonal,
 )
+from gne_jax.normalization import (  # noqa: F401
+    CenteredConv,
+    MeanOnlyBatchNorm,
+    MeterezBatchNorm,
+    ScaledWSConv,
+    ScaledWSDense,
+    SecondMomentNorm,
+    WeightNormConv,
+    WeightNormDense,
+)
 
 # --- per-block moments, ensembles, sweeps (issue 4) --------------------------
 
