@@ -1,1 +1,52 @@
-"""Theory side: component library, composition rules and companion results."""
+"""Theory side of gne_jax: predicted φ(JJᵀ) and ϕ(JJᵀ) beside measurements.
+
+* `components`: the component library of theory.md §8 (dense/conv/orthogonal
+  weights, activations incl. Gauss–Hermite for smooth ones, normalizations, ...);
+* `compose`: serial/parallel/residual composition nested to any depth with the
+  forward second-moment map (`Serial`, `Parallel`, `Residual`, `Repeat`, `predict`);
+* `predict_model` (module `predict`): predictions from the library's own model configs;
+* companion results: `tarnowski`, `meterez`, `orvieto`, `luther`;
+* `compare`: predicted vs measured table with z-scores (and a plot).
+
+Light to import: numpy/jax only (matplotlib and the models load lazily).
+"""
+
+from gne_jax.theory import components, compose, luther, meterez, orvieto, tarnowski  # noqa: F401
+from gne_jax.theory.compare import (  # noqa: F401
+    Comparison,
+    PooledMoments,
+    compare,
+    pool_inits,
+)
+from gne_jax.theory.components import *  # noqa: F401,F403
+from gne_jax.theory.compose import (  # noqa: F401
+    Concat,
+    Parallel,
+    Prediction,
+    Repeat,
+    Residual,
+    Serial,
+    per_block,
+    predict,
+)
+
+
+def selu_coefficients(epsilon, gamma0=1.0, q=1.0, **kwargs):
+    """(λ, α) of the depth-aware SELU (theory §11): the one solver, in `gne_jax.activations`."""
+    from gne_jax.activations import selu_coefficients as _solve  # lazy: pulls in flax
+
+    return _solve(epsilon, gamma0, q, **kwargs)
+
+
+def depth_aware_selu(epsilon, gamma0=1.0, q=1.0):
+    """SELU component with the depth-aware (λ, α) for (ε, γ₀, q): block φ = 1 + ε at v = qγ₀."""
+    lam, alpha = selu_coefficients(epsilon, gamma0, q)
+    return components.selu(lam, alpha)
+
+
+def __getattr__(name):  # predict_model pulls in the models (flax); load on first use
+    if name in ("predict_model", "model_network", "predict"):
+        from gne_jax.theory import predict as _p
+
+        return getattr(_p, name)
+    raise AttributeError(f"module 'gne_jax.theory' has no attribute {name!r}")

@@ -221,17 +221,18 @@ def conv_orthogonal_flat(c_in: int, c_out: int, kernel_size=3, *, gain=1.0) -> C
 
 
 def delta_orthogonal(c_in: int, c_out: int, *, gain=1.0, stride: int = 1,
-                     code_scaling: bool = True) -> Component:
+                     scale_by_fan_ratio: bool = False) -> Component:
     """Delta-orthogonal conv: centre tap a c_out × c_in Haar block, other taps 0.
 
-    With ``code_scaling`` (the reference code) the block is multiplied by
+    With ``scale_by_fan_ratio`` (the reference code; same flag as
+    `gne_jax.initializers.delta_orthogonal`) the block is multiplied by
     gain·√(c_out/c_in): c_out ≥ c_in: φ = gain², ϕ = gain⁴(c_out/c_in − 1);
     c_out < c_in: φ = gain²·c_out/c_in, ϕ = 0. Without it the multiplier is ``gain``
     and the moments are those of `orthogonal` (per spatial position).
     """
     c_in, c_out = _check_int("c_in", c_in), _check_int("c_out", c_out)
     stride = _check_int("stride", stride)
-    mult = _f(gain) * (math.sqrt(c_out / c_in) if code_scaling else 1.0)
+    mult = _f(gain) * (math.sqrt(c_out / c_in) if scale_by_fan_ratio else 1.0)
     comp = orthogonal(c_in, c_out, gain=mult)
     ratio = c_out / (c_in * stride * stride)
     return Component(f"delta_orthogonal({c_in}->{c_out})", comp.moments, comp.forward, ratio)
