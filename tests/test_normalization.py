@@ -56,7 +56,8 @@ def _params(c, seed=2):
 
 
 @pytest.mark.parametrize(
-    "variant,inside,eps", [("l2", False, 1e-5), ("l2", False, 0.3), ("l2", True, 0.3), ("l1", False, 0.3)]
+    "variant,inside,eps",
+    [("l2", False, 1e-5), ("l2", False, 0.3), ("l2", True, 0.3), ("l1", False, 0.3)],
 )
 def test_smn_forward_matches_formula(variant, inside, eps):
     x = _x()
@@ -119,7 +120,9 @@ def test_smn_backward_finite_differences(variant, inside):
         def loss(x, gamma, beta):  # a generic scalar so every output direction matters
             return jnp.sum(jnp.sin(f(x, gamma, beta)) * w)
 
-        check_grads(jax.jit(loss), (x, gamma, beta), order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7)
+        check_grads(
+            jax.jit(loss), (x, gamma, beta), order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7
+        )
 
 
 @pytest.mark.parametrize("eps", [1e-5, 0.2])
@@ -184,7 +187,9 @@ def test_l1_running_stat():
     v = layer.init(KEY, x, use_running_average=False)
     _, upd = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
     mabs = np.mean(np.abs(np.asarray(x, np.float64)), axis=(0, 1, 2))
-    np.testing.assert_allclose(np.asarray(upd["batch_stats"]["mean_abs"]), 0.9 + 0.1 * mabs, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(upd["batch_stats"]["mean_abs"]), 0.9 + 0.1 * mabs, rtol=1e-6
+    )
 
 
 def test_smn_axis_name_matches_global_batch():
@@ -247,8 +252,10 @@ def test_smn_jacobian_spectrum_matches_theory():
         M, gamma, eps = 12, 1.3, 0.05
         x = jnp.asarray(_x((M, 1), seed=3), jnp.float64)
         layer = SecondMomentNorm(epsilon=eps)
-        v = {"params": {"scale": jnp.array([gamma]), "bias": jnp.array([0.4])},
-             "batch_stats": {"rms": jnp.ones((1,))}}
+        v = {
+            "params": {"scale": jnp.array([gamma]), "bias": jnp.array([0.4])},
+            "batch_stats": {"rms": jnp.ones((1,))},
+        }
 
         def f(x):
             return layer.apply(v, x, use_running_average=False)
@@ -277,7 +284,10 @@ def test_smn_jacobian_moments_multichannel_against_theory_component():
             lambda x: layer.apply(v, x, use_running_average=False), x, method="exact"
         )
         q = np.mean(np.asarray(x) ** 2, axis=(0, 1, 2))
-        per = [smn_train(12, gamma=float(g), eps=eps).moments(float(qc)) for g, qc in zip(gamma, q)]
+        per = [
+            smn_train(12, gamma=float(g), eps=eps).moments(float(qc))
+            for g, qc in zip(gamma, q, strict=True)
+        ]
         phi = np.mean([float(m.phi) for m in per])
         phi2 = np.mean([float(m.phi2) for m in per])
         assert float(est.phi) == pytest.approx(phi, rel=1e-9)
@@ -287,8 +297,10 @@ def test_smn_jacobian_moments_multichannel_against_theory_component():
 def test_smn_eval_jacobian_is_diagonal():
     x = _x((4, 3))
     layer = SecondMomentNorm(epsilon=1e-3)
-    v = {"params": {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.zeros(3)},
-         "batch_stats": {"rms": jnp.array([0.5, 1.0, 2.0])}}
+    v = {
+        "params": {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.zeros(3)},
+        "batch_stats": {"rms": jnp.array([0.5, 1.0, 2.0])},
+    }
     J = jax.jacfwd(lambda x: layer.apply(v, x, use_running_average=True))(x).reshape(12, 12)
     diag = np.tile(np.array([1.0, 2.0, 0.5]) / (np.array([0.5, 1.0, 2.0]) + 1e-3), 4)
     np.testing.assert_allclose(np.asarray(J), np.diag(diag), rtol=1e-6, atol=1e-7)
@@ -400,8 +412,11 @@ def test_centered_conv():
     np.testing.assert_allclose(np.asarray(layer.apply(v, x)), np.asarray(ref), rtol=1e-4, atol=1e-5)
     # zero-mean filters: a constant input gives the bias in the interior
     y_const = layer.apply(v, jnp.ones((1, 6, 6, 3)))
-    np.testing.assert_allclose(np.asarray(y_const[0, 2:4, 2:4]), np.broadcast_to(
-        np.asarray(v["params"]["bias"]), (2, 2, 5)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(y_const[0, 2:4, 2:4]),
+        np.broadcast_to(np.asarray(v["params"]["bias"]), (2, 2, 5)),
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("gain", [1.0, math.sqrt(2.0)])
@@ -425,7 +440,9 @@ def test_weight_norm_layers_keep_intended_scale(gain):
     ref = jax.lax.conv_general_dilated(
         xc, jnp.asarray(Wc, jnp.float32), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-    np.testing.assert_allclose(np.asarray(conv.apply(vc, xc)), np.asarray(ref), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(conv.apply(vc, xc)), np.asarray(ref), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_weight_norm_helper_matches_layer():
