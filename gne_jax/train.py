@@ -437,7 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     def check_finite(step):
         bad = int(state.sums["first_nonfinite_step"])
         if bad >= 0:
-            _flush_grads()
+            _flush_grads(plot=True)
             writer.close()
             raise NonFiniteError(
                 f"non-finite training loss at step {bad} (epoch {bad // spe}). Training stopped; "
@@ -446,13 +446,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 "(--config.optimizer.clip=value) or a normalization layer."
             )
 
-    def _flush_grads():
+    def _flush_grads(plot=False):
+        if not pending_grads and not plot:
+            return
         for s, g in pending_grads:
             grad_steps.append(s)
             grad_vals.append(np.asarray(g))
         pending_grads.clear()
         if grad_steps:
-            save_grad_norms(workdir, grad_names, np.asarray(grad_steps), np.stack(grad_vals))
+            save_grad_norms(workdir, grad_names, np.asarray(grad_steps), np.stack(grad_vals),
+                            plot=plot)
 
     def save(step):
         nonlocal last_saved
@@ -502,7 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             epoch_t0 += time.perf_counter() - t_save  # step time excludes checkpointing
     if pbar is not None:
         pbar.close()
-    _flush_grads()
+    _flush_grads(plot=True)
     if not all_finite(state.params):
         raise NonFiniteError("final parameters are non-finite")
     plot_curves(workdir, history)

@@ -22,13 +22,15 @@ class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss or parameter; the last good checkpoint is kept."""
 
 
+@jax.jit
+def _all_finite(leaves):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def all_finite(tree: PyTree) -> bool:
-    """True when every floating-point leaf of ``tree`` is finite (one device reduction)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-    if not leaves:
-        return True
-    return bool(jnp.all(jnp.stack(leaves)))
+    """True when every floating-point leaf of ``tree`` is finite (one jitted reduction)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return True if not leaves else bool(_all_finite(leaves))
 
 
 class Checkpointer:
@@ -60,9 +62,13 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore(self, state_like: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
-        """Restores the checkpoint at ``step`` (latest by default) into ``state_like``'s layout."""
+        """Restores the checkpoint at ``step`` (latest by default) into ``state_like``'s layout.
+
+        ``state_like=None`` restores the saved tree as host arrays (for inspection).
+        """
         step = self.latest_step() if step is None else step
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+        abstract = (None if state_like is None
+                    else jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like))
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),

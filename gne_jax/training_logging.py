@@ -114,13 +114,14 @@ def plot_curves(workdir: str, rows: list[dict[str, Any]]) -> str | None:
     return path
 
 
-def save_grad_norms(workdir: str, names: list[str], steps: np.ndarray, values: np.ndarray):
+def save_grad_norms(workdir: str, names: list[str], steps: np.ndarray, values: np.ndarray,
+                    *, plot: bool = True):
     """Saves squared per-layer gradient norms ``values[t, l]`` (before clipping) and a plot."""
     if jax.process_index() != 0:
         return
     np.savez(os.path.join(workdir, "grad_norms.npz"), names=np.asarray(names), steps=steps,
              values=values)
-    if len(values) == 0:
+    if len(values) == 0 or not plot:
         return
     import matplotlib  # noqa: PLC0415
 

@@ -1,0 +1,253 @@
+"""End-to-end training tests: TFDS mock data, learning on synthetic data, exact resume,
+4 simulated devices vs 1, config errors before training, non-finite stop."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from gne_jax import input_pipeline, train
+from gne_jax.training_checkpoint import Checkpointer, NonFiniteError, all_finite
+from gne_jax.training_config import base_config
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class TinyCNN(nn.Module):
+    """conv-(BN)-relu-conv-(BN)-relu-pool-dense: small enough to compile in seconds."""
+
+    norm: str = "batchnorm"
+    width: int = 8
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for i in range(2):
+            x = nn.Conv(self.width, (3, 3), strides=2, use_bias=self.norm == "none",
+                        name=f"conv{i}")(x)
+            if self.norm == "batchnorm":
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}")(x)
+            x = nn.relu(x)
+        return nn.Dense(10, name="fc")(x.mean((1, 2)))
+
+
+def small_config(**kw):
+    c = base_config()
+    c.dataset.name = "synthetic"
+    c.dataset.image_size = 8
+    c.dataset.channels = 3
+    c.dataset.num_train = 256
+    c.dataset.num_eval = 64
+    c.batch_size = 32
+    c.eval_batch_size = 32
+    c.num_epochs = 2
+    c.optimizer.learning_rate = 0.05
+    c.optimizer.schedule = "constant"
+    c.log_every_steps = 4
+    c.checkpoint_every_steps = 0
+    c.progress_bar = False
+    c.tensorboard = True
+    for k, v in kw.items():
+        node = c
+        *parents, last = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def _eval_reference(state, config):
+    """Eval loss/accuracy computed directly with model.apply on the whole eval split."""
+    spec = input_pipeline.dataset_spec(config)
+    src = input_pipeline.make_source(config, "eval")
+    images, labels = src.get(np.arange(len(src)))
+    x = input_pipeline.preprocess(images, spec, train=False, rng=None)
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    logits = state.apply_fn(variables, jnp.asarray(x), train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return float(loss), float(np.mean(np.argmax(logits, -1) == labels))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist"])
+def test_mock_tfds_end_to_end(name, tmp_path):
+    c = small_config(**{"dataset.name": name, "batch_size": 8, "eval_batch_size": 8,
+                        "num_epochs": 1})
+    with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = train.train_and_evaluate(c, str(tmp_path), model=TinyCNN())
+        ref_loss, ref_acc = _eval_reference(result.state, c)
+    (row,) = result.history
+    assert row["step"] == 2 and row["epoch"] == 1  # 20 // 8 steps, last partial batch dropped
+    np.testing.assert_allclose(row["eval_loss"], ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(row["eval_accuracy"], ref_acc)
+    files = set(os.listdir(tmp_path))
+    assert {"metrics.jsonl", "metrics.csv", "curves.png", "grad_norms.npz", "config.json",
+            "tensorboard", "checkpoints"} <= files
+    assert os.listdir(tmp_path / "tensorboard")
+    assert "tensorflow" not in sys.modules
+
+
+def test_gradient_norms_are_recorded_before_clipping(tmp_path):
+    c = small_config(**{"num_epochs": 1, "optimizer.clip_value": 1e-3, "grad_norm_epochs": 1,
+                        "dataset.augment": False})
+    model = TinyCNN(norm="none")
+    result = train.train_and_evaluate(c, str(tmp_path), model=model)
+    rec = np.load(tmp_path / "grad_norms.npz")
+    assert list(rec["names"]) == ["conv0/kernel", "conv1/kernel", "fc/kernel"]
+    np.testing.assert_array_equal(rec["steps"], np.arange(8))
+    # Reference: ‖∇_W L‖² of the first step from jax.grad at the initial parameters.
+    spec = input_pipeline.dataset_spec(c)
+    src = input_pipeline.make_source(c, "train")
+    batch = next(input_pipeline.train_batches(src, spec, global_batch=32, seed=0, start_step=0,
+                                              num_steps=1, augment=False))
+    params = model.init(jax.random.split(jax.random.PRNGKey(0), 3)[0],
+                        jnp.zeros((1, 8, 8, 3)), train=False)["params"]
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, batch["image"], train=True), batch["label"]).mean()
+    g = jax.grad(loss)(params)
+    want = [float(jnp.sum(g[k]["kernel"] ** 2)) for k in ("conv0", "conv1", "fc")]
+    np.testing.assert_allclose(rec["values"][0], want, rtol=1e-4)
+    assert max(want) > 1e-5  # far above clip_value² · size: the record is pre-clipping
+    assert len(result.history) == 1
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "none"])
+def test_synthetic_loss_falls(norm, tmp_path):
+    c = small_config(**{"num_epochs": 25, "eval_every_epochs": 25, "optimizer.learning_rate": 0.1,
+                        "dataset.augment": False, "tensorboard": False})
+    result = train.train_and_evaluate(c, str(tmp_path), model=TinyCNN(norm=norm))
+    first, last = result.history[0], result.history[-1]
+    assert last["step"] == 200
+    # Chance level is log(10) = 2.30; a learnable teacher must be fitted clearly.
+    assert last["train_loss"] < 0.75 * first["train_loss"], (first, last)
+    # Chance accuracy is 0.1 with SE 0.019 over the 256 examples of an epoch.
+    assert last["train_accuracy"] > 0.1 + 4 * 0.019
+
+
+def test_resume_gives_identical_params_and_metrics(tmp_path):
+    kw = {"num_epochs": 2, "checkpoint_every_steps": 5, "tensorboard": False,
+          "optimizer.schedule": "cosine", "mixup_alpha": 0.5}
+    straight = train.train_and_evaluate(small_config(**kw), str(tmp_path / "a"), model=TinyCNN())
+    c_half = small_config(**kw, stop_after_steps=13)  # stops mid-epoch, after a checkpoint at 10
+    train.train_and_evaluate(c_half, str(tmp_path / "b"), model=TinyCNN())
+    # Simulate a kill after step 10's checkpoint: rows after it would be rewritten.
+    ckpt = Checkpointer(str(tmp_path / "b"))
+    assert ckpt.latest_step() == 13
+    ckpt.manager.delete(13)
+    ckpt.close()
+    resumed = train.train_and_evaluate(small_config(**kw), str(tmp_path / "b"), model=TinyCNN())
+    for a, b in zip(jax.tree.leaves(straight.state.params), jax.tree.leaves(resumed.state.params),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(straight.state.batch_stats),
+                    jax.tree.leaves(resumed.state.batch_stats), strict=True):
+        np.testing.assert_array_equal(a, b)
+    keys = ("step", "epoch", "train_loss", "train_accuracy", "learning_rate", "eval_loss",
+            "eval_accuracy")
+    rows_a = [{k: r[k] for k in keys} for r in straight.history]
+    with open(tmp_path / "b" / "metrics.jsonl") as f:
+        rows_b = [{k: json.loads(line)[k] for k in keys} for line in f]
+    assert rows_a == rows_b
+    ga, gb = np.load(tmp_path / "a" / "grad_norms.npz"), np.load(tmp_path / "b" / "grad_norms.npz")
+    np.testing.assert_array_equal(ga["steps"], gb["steps"])
+    np.testing.assert_array_equal(ga["values"], gb["values"])
+
+
+def multi_device_run():
+    """Rows and per-leaf |param| sums of a short BN run (called with 1 and 4 devices)."""
+    import tempfile
+
+    res = train.train_and_evaluate(small_config(num_epochs=2, tensorboard=False),
+                                   tempfile.mkdtemp(), model=TinyCNN())
+    return res.history, [float(jnp.abs(x).sum()) for x in jax.tree.leaves(res.state.params)]
+
+
+_FOUR = textwrap.dedent("""
+    import json, sys, tempfile
+    import jax
+    sys.path.insert(0, {tests!r})
+    import test_train
+    assert jax.device_count() == 4, jax.devices()
+    try:
+        test_train.train.train_and_evaluate(test_train.small_config(batch_size=30),
+                                            tempfile.mkdtemp())
+    except ValueError as e:
+        print("BATCH_ERROR", e)
+    rows, params = test_train.multi_device_run()
+    print("ROWS", json.dumps(rows))
+    print("PARAMS", json.dumps(params))
+""")
+
+
+def test_four_devices_match_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _FOUR.format(tests=REPO + "/tests")],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    four = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines()
+            if ln.split(" ", 1)[0] in ("ROWS", "PARAMS", "BATCH_ERROR")}
+    assert jax.device_count() == 1
+    rows1, params1 = multi_device_run()
+    assert "multiple of the device count 4" in four["BATCH_ERROR"]
+    assert "--config.batch_size=28" in four["BATCH_ERROR"]
+    rows4 = json.loads(four["ROWS"])
+    for key in ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy"):
+        np.testing.assert_allclose([r[key] for r in rows4], [r[key] for r in rows1],
+                                   rtol=2e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(json.loads(four["PARAMS"]), params1, rtol=1e-4)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("dataset.name", "cifar11", "dataset.name='cifar11' is unknown.*cifar10"),
+    ("model.normalization", "groupnorm", "normalization='groupnorm' is unknown.*smn"),
+    ("batch_size", 0, "batch_size=0 must be a positive multiple"),
+    ("optimizer.name", "rmsprop", "optimizer.name='rmsprop' is unknown"),
+])
+def test_bad_config_fails_before_training(key, value, match, tmp_path):
+    c = small_config()
+    c.model.normalization = "batchnorm"
+    node = c
+    *parents, last = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    with pytest.raises(ValueError, match=match):
+        train.train_and_evaluate(c, str(tmp_path / "w"), model=TinyCNN())
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # The learning rate jumps to 5e36 after epoch 1 (step 8): the parameters then
+    # overflow within two steps, so the last good state is the checkpoint of step 8.
+    c = small_config(**{"optimizer.schedule": "step", "optimizer.lr_boundaries_epochs": (1,),
+                        "optimizer.lr_decay_factor": 1e38, "optimizer.clip": "none",
+                        "log_every_steps": 1, "checkpoint_every_steps": 4})
+    with pytest.raises(NonFiniteError, match=r"last good checkpoint \(step 8\)"):
+        train.train_and_evaluate(c, str(tmp_path), model=TinyCNN(norm="none"))
+    ckpt = Checkpointer(str(tmp_path))
+    assert ckpt.latest_step() == 8
+    state, meta = ckpt.restore(None)
+    assert meta["step"] == 8 and all_finite(state)
+    ckpt.close()
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [8]
+
+
+def test_workdir_of_another_run_is_not_overwritten(tmp_path):
+    c = small_config(num_epochs=1, tensorboard=False)
+    train.train_and_evaluate(c, str(tmp_path), model=TinyCNN())
+    with pytest.raises(FileExistsError, match="different config.*seed"):
+        train.train_and_evaluate(small_config(num_epochs=1, seed=1), str(tmp_path),
+                                 model=TinyCNN())
