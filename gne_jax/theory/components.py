@@ -126,18 +126,31 @@ def _gh(degree: int) -> tuple[np.ndarray, np.ndarray]:
     return _GH_CACHE[degree]
 
 
-def gaussian_expectation(fn: Callable[[Array], Array], q, *, degree: int = 256) -> Array:
-    """E[fn(h)] for h ~ N(0, q), by Gauss–Hermite quadrature (probabilists' form).
+def gaussian_expectation(fn: Callable[[Array], Array], q, *, degree: int = 256,
+                         method: str = "gauss_hermite") -> Array:
+    """E[fn(h)] for h ~ N(0, q).
 
-    ``fn`` is applied elementwise to an array of nodes. Exact for polynomials of
-    degree < 2·degree; exponentially accurate for functions analytic in a strip
-    (tanh, sigmoid, …). Kinks (ReLU, SELU at 0) converge slowly: use the closed forms.
+    ``method="gauss_hermite"`` (default): probabilists' Gauss–Hermite rule with
+    ``degree`` nodes, exact for polynomials of degree < 2·degree and exponentially
+    accurate for functions analytic in a strip; the rate falls as q grows (the
+    poles of sech at ±iπ/2 move towards the real axis in units of √q): for tanh at
+    degree 256 the error is ~1e-9 in φ and ~1e-7 in ϕ at q = 3.
+    ``method="trapezoid"``: the trapezoid rule in z = h/√q on [−14, 14] with
+    ``8·degree`` points, which converges like e^{−2π·d/step} for a pole at distance
+    d; more accurate for large q. Kinks (ReLU, SELU at 0) converge slowly with either
+    rule: use the closed forms.
     """
     _check_positive("q", q, allow_zero=True)
-    x, w = _gh(int(degree))
     dtype = jnp.result_type(float)
-    h = jnp.sqrt(_f(q)) * jnp.asarray(x, dtype)
-    return jnp.sum(jnp.asarray(w, dtype) * fn(h))
+    if method == "gauss_hermite":
+        x, w = _gh(int(degree))
+        x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+    elif method == "trapezoid":
+        x = jnp.linspace(-14.0, 14.0, 8 * int(degree) + 1, dtype=dtype)
+        w = jnp.exp(-(x**2) / 2) / math.sqrt(2 * math.pi) * (x[1] - x[0])
+    else:
+        raise ValueError(f"method must be 'gauss_hermite' or 'trapezoid', got {method!r}")
+    return jnp.sum(w * fn(jnp.sqrt(_f(q)) * x))
 
 
 # ---------------------------------------------------------------------------
@@ -283,10 +296,10 @@ def sprelu(slope=0.25, *, p=0.5) -> Component:
     return Component(f"sprelu({float(slope):g})", moments, lambda q: base.forward(q) * s, 1.0)
 
 
-def _moments_from_derivative(dfn, q, degree) -> Moments:
+def _moments_from_derivative(dfn, q, degree, method="gauss_hermite") -> Moments:
     d2 = lambda h: dfn(h) ** 2
-    phi = gaussian_expectation(d2, q, degree=degree)
-    phi2 = gaussian_expectation(lambda h: d2(h) ** 2, q, degree=degree)
+    phi = gaussian_expectation(d2, q, degree=degree, method=method)
+    phi2 = gaussian_expectation(lambda h: d2(h) ** 2, q, degree=degree, method=method)
     return Moments(phi, phi2 - phi**2)
 
 
@@ -294,14 +307,14 @@ def _sech2(h):
     return 1.0 - jnp.tanh(h) ** 2
 
 
-def tanh_moments(q, *, degree: int = 256) -> Moments:
+def tanh_moments(q, *, degree: int = 256, method: str = "gauss_hermite") -> Moments:
     """tanh with input N(0, q): φ = E[sech⁴h] ≈ 1 − 2q + 7q², ϕ = E[sech⁸h] − φ² ≈ 8q²."""
-    return _moments_from_derivative(_sech2, q, degree)
+    return _moments_from_derivative(_sech2, q, degree, method)
 
 
-def sigmoid_moments(q, *, degree: int = 256) -> Moments:
+def sigmoid_moments(q, *, degree: int = 256, method: str = "gauss_hermite") -> Moments:
     """sigmoid with input N(0, q): φ = φ_tanh(q/4)/16, ϕ = ϕ_tanh(q/4)/256 (s' = ¼ sech²(x/2))."""
-    m = tanh_moments(_f(q) / 4, degree=degree)
+    m = tanh_moments(_f(q) / 4, degree=degree, method=method)
     return Moments(m.phi / 16, m.varphi / 256)
 
 
