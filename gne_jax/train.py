@@ -465,7 +465,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     for step in range(start, stop):
         state, metrics = p_train_step(state, next(batches))
-        epoch_steps += 1
+        if step == start:  # leave compilation out of the step time
+            jax.block_until_ready(state)
+            epoch_t0 = time.perf_counter()
+        else:
+            epoch_steps += 1
         if step < grad_limit:
             pending_grads.append((step, metrics["grad_sq"]))
         done = step + 1
@@ -488,8 +492,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    "train_loss": float(sums["loss"] / sums["count"]),
                    "train_accuracy": float(sums["correct"] / sums["count"]),
                    "learning_rate": float(schedule(done - 1)),
-                   "step_time_s": elapsed / max(epoch_steps, 1),
-                   "images_per_s": batch * epoch_steps / elapsed}
+                   # Steady-state timing: the run's first (compiling) step is left out.
+                   "step_time_s": elapsed / epoch_steps if epoch_steps else float("nan"),
+                   "images_per_s": batch * epoch_steps / elapsed if epoch_steps else float("nan")}
             state = state.replace(sums=jax.device_put(_zero_sums(), replicated))
             if (done // spe) % int(config.eval_every_epochs) == 0 or done == total:
                 row.update(evaluate(p_eval_step, state, eval_src, spec, config, data_sharding))

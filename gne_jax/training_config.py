@@ -68,3 +68,36 @@ def base_config() -> ml_collections.ConfigDict:
     c.tensorboard = True
     c.overwrite = False  # allow writing into a workdir holding an earlier run's results
     return c
+
+
+def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of the config file ``path`` (how ``*_smoke.py`` reuse a full config)."""
+    import importlib.util  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    name = "_gne_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def smoke(c: ml_collections.ConfigDict, *, image_size: int = 16, num_train: int = 256,
+          num_eval: int = 128, batch_size: int = 32, num_epochs: int = 2,
+          num_classes: int | None = None) -> ml_collections.ConfigDict:
+    """Shrinks ``c`` to a seconds-long offline run on the synthetic dataset."""
+    classes = num_classes or (1000 if c.dataset.name == "imagenet2012" else 10)
+    c.dataset.name = "synthetic"
+    c.dataset.image_size = image_size
+    c.dataset.num_train = num_train
+    c.dataset.num_eval = num_eval
+    c.dataset.num_classes = min(classes, 10)
+    c.batch_size = batch_size
+    c.eval_batch_size = batch_size
+    c.num_epochs = num_epochs
+    c.optimizer.lr_boundaries_epochs = tuple(num_epochs * (i + 1) / 3 for i in range(2))
+    c.optimizer.warmup_epochs = 0.0
+    c.log_every_steps = 4
+    c.checkpoint_every_steps = 0
+    c.grad_norm_epochs = 1
+    return c
