@@ -1,0 +1,462 @@
+"""Pieces shared by the model families: config checks, layer factories, block layout.
+
+Every model is a :class:`BlockModel`: its ``layout()`` lists :class:`Stage` specs
+(a name, the block names, a factory for the Flax module of one block, whether
+the run of blocks is scanned). The same specs drive
+
+* ``__call__``: single blocks are applied once, runs of identical blocks with
+  ``nn.scan`` (parameters stacked on a leading axis, compile time flat in depth);
+* ``blocks(variables, x, train=...)``: one :class:`~gne_jax.blocks.BlockGroup` per
+  stage whose ``apply`` is the same module applied to one slice of the stacked
+  variables, so composing the groups reproduces ``model.apply`` exactly.
+
+Block modules are Linen modules with a ``train`` attribute and ``__call__(h)``
+(or ``__call__(h, xs)`` when the stage has per-block inputs ``xs``); residual
+blocks also define ``branch(h)`` and ``shortcut(h)`` with
+``__call__(h) = shortcut(h) + branch(h)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gne_jax import activations as _act
+from gne_jax import initializers as _init
+from gne_jax import normalization as _norm
+from gne_jax.blocks import BlockGroup, single_block
+
+Array = jax.Array
+
+# PyTorch's BN momentum 0.1 is Flax's 0.9 (anchors §5.1); ε as in PyTorch.
+NORM_MOMENTUM = 0.9
+NORM_EPSILON = 1e-5
+
+NORMALIZATIONS = ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly", "meterez")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+# ----------------------------------------------------------------------------
+# Config handling
+# ----------------------------------------------------------------------------
+
+
+def merge_config(name: str, defaults: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
+    """Defaults overridden by ``config``; unknown keys raise a ValueError listing valid ones."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+    merged = dict(defaults)
+    unknown = sorted(k for k in config if k not in defaults and k != "name")
+    if unknown:
+        raise ValueError(
+            f"Unknown config key(s) {unknown} for model {name!r}; valid keys: "
+            f"{sorted(['name', *defaults])}."
+        )
+    merged.update({k: v for k, v in config.items() if k != "name"})
+    return merged
+
+
+def check_choice(value, key: str, choices) -> Any:
+    if value not in choices:
+        raise ValueError(f"Config `{key}` must be one of {list(choices)}; got {value!r}.")
+    return value
+
+
+def check_positive_int(value, key: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | jnp.integer):
+        raise ValueError(f"Config `{key}` must be an int >= {minimum}; got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"Config `{key}` must be >= {minimum}; got {value}.")
+    return int(value)
+
+
+def check_positive_ints(values, key: str, length: int | None = None) -> tuple[int, ...]:
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise ValueError(f"Config `{key}` must be a sequence of ints; got {values!r}.") from None
+    if length is not None and len(values) != length:
+        raise ValueError(f"Config `{key}` must have {length} entries; got {values!r}.")
+    if not values:
+        raise ValueError(f"Config `{key}` must not be empty.")
+    return tuple(check_positive_int(v, f"{key}[{i}]") for i, v in enumerate(values))
+
+
+def check_float(value, key: str, *, positive: bool = False, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Config `{key}` must be a number; got {value!r}.") from None
+    if not math.isfinite(f) or (positive and f <= 0):
+        what = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"Config `{key}` must be {what}; got {value!r}.")
+    return f
+
+
+def resolve_dtype(value, key: str = "dtype"):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        check_choice(value, key, DTYPES)
+        return jnp.dtype(value)
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        raise ValueError(
+            f"Config `{key}` must be None or one of {list(DTYPES)}; got {value!r}."
+        ) from None
+    check_choice(dt.name, key, DTYPES)
+    return dt
+
+
+def param_dtype():
+    """float64 under ``jax_enable_x64``, float32 otherwise (evaluated at trace time)."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def to_config_dict(name: str, defaults: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"name": name, **defaults})
+
+
+# ----------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------
+
+ACTIVATION_DEFAULTS = {
+    "activation": "relu",
+    "negative_slope": 0.18,  # leaky ReLU slope (the reference code's default)
+    "selu_epsilon": 0.03,  # depth-aware SELU: per-block φ excess ε (theory §11)
+    "selu_gamma0": 1.0,  # depth-aware SELU: γ₀ = gain² of the weights
+}
+SHAPED = ("shaped_tanh", "shaped_sin")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSpec:
+    """An activation of :mod:`gne_jax.activations` with its config parameters."""
+
+    name: str = "relu"
+    negative_slope: float = 0.18
+    selu_epsilon: float = 0.03
+    selu_gamma0: float = 1.0
+    shaped_exponent: float = 0.4
+
+    def kwargs(self, layer_index=None) -> dict:
+        if self.name == "leaky_relu":
+            return {"negative_slope": self.negative_slope}
+        if self.name == "selu_depth_aware":
+            return {"epsilon": self.selu_epsilon, "gamma0": self.selu_gamma0}
+        if self.name in SHAPED:
+            return {"layer_index": layer_index, "exponent": self.shaped_exponent}
+        return {}
+
+    def make(self):
+        """A function, or a fresh Flax module for learned activations (call in setup)."""
+        if self.name in SHAPED:
+            raise ValueError("Shaped activations need a layer index; use `apply_shaped`.")
+        act = _act.get_activation(self.name, **self.kwargs())
+        return act() if _act.is_learned(self.name) else act
+
+    def gain(self) -> float:
+        """Default weight gain (theory §9): gain²·φ_act = 1."""
+        if self.name in ("relu", "prelu", "sprelu", "leaky_relu", "tanh", "linear", "selu"):
+            return _init.activation_gain(self.name, self.negative_slope)
+        if self.name == "selu_depth_aware":
+            return math.sqrt(self.selu_gamma0)  # γ₀ = gain² (theory §11.1)
+        if self.name in SHAPED:
+            return 1.0  # σ'(0) = 1
+        if self.name == "sigmoid":
+            return 4.0  # φ_sigmoid → 1/16 for small inputs (theory §8)
+        raise ValueError(f"No default gain for activation {self.name!r}; set `gain`.")
+
+
+def activation_spec(cfg: Mapping[str, Any], *, allow_shaped: bool = False) -> ActivationSpec:
+    valid = tuple(a for a in _act.ACTIVATIONS if allow_shaped or a not in SHAPED)
+    name = check_choice(cfg["activation"], "activation", valid)
+    spec = ActivationSpec(
+        name=name,
+        negative_slope=check_float(cfg["negative_slope"], "negative_slope"),
+        selu_epsilon=check_float(cfg["selu_epsilon"], "selu_epsilon"),
+        selu_gamma0=check_float(cfg["selu_gamma0"], "selu_gamma0", positive=True),
+        shaped_exponent=check_float(cfg.get("shaped_exponent", 0.4), "shaped_exponent"),
+    )
+    if name == "selu_depth_aware":  # fail at construction, not at trace time
+        _act.selu_coefficients(spec.selu_epsilon, spec.selu_gamma0)
+    return spec
+
+
+def resolve_gain(cfg: Mapping[str, Any], act: ActivationSpec) -> float:
+    gain = cfg["gain"]
+    if gain is None:
+        return act.gain()
+    return check_float(gain, "gain", positive=True)
+
+
+# ----------------------------------------------------------------------------
+# Initializers
+# ----------------------------------------------------------------------------
+
+
+def kernel_init(name: str, gain: float, **kwargs):
+    check_choice(name, "init", _init.INITIALIZERS)
+    return _init.get_initializer(name, gain, **kwargs)
+
+
+def check_init(name: str, key: str = "init", *, conv: bool = True) -> str:
+    valid = (
+        _init.INITIALIZERS
+        if conv
+        else tuple(i for i in _init.INITIALIZERS if i != "delta_orthogonal")
+    )
+    return check_choice(name, key, valid)
+
+
+def zeros_init(key, shape, dtype=jnp.float32):
+    return jnp.zeros(shape, dtype)
+
+
+# ----------------------------------------------------------------------------
+# Convolution + normalization factories
+# ----------------------------------------------------------------------------
+
+
+def torch_padding(kernel_size: int, padding: int | None = None):
+    """Symmetric padding of PyTorch (k//2 by default); Flax 'SAME' differs for stride 2."""
+    p = kernel_size // 2 if padding is None else padding
+    return ((p, p), (p, p))
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """Which convolution/dense kind and normalization layer a model uses."""
+
+    name: str = "none"
+    dtype: Any = None
+
+    @property
+    def has_norm_layer(self) -> bool:
+        return self.name not in ("none", "sws")
+
+    def conv(self, features, kernel_size, *, strides=1, padding=None, kernel_init, use_bias, gain):
+        """The convolution of this scheme: plain, centred (SMN), sWS or weight-normalized.
+
+        ``gain`` is the layer's intended gain: sWS rows get squared norm gain², the
+        weight-norm scale starts at gain (theory §10).
+        """
+        k = (kernel_size, kernel_size)
+        s = (strides, strides)
+        kw = dict(
+            features=features,
+            kernel_size=k,
+            strides=s,
+            padding=torch_padding(kernel_size, padding),
+            use_bias=use_bias,
+            kernel_init=kernel_init,
+            dtype=self.dtype,
+            param_dtype=param_dtype(),
+        )
+        if self.name in ("smn", "smn_l1"):
+            return _norm.CenteredConv(**kw)
+        if self.name == "sws":
+            return _norm.ScaledWSConv(gain=gain, **kw)
+        if self.name == "weightnorm":
+            return _norm.WeightNormConv(gain=gain, **kw)
+        return nn.Conv(**kw)
+
+    def dense(self, features, *, kernel_init, use_bias, gain):
+        """The dense layer of this scheme (see :meth:`conv`)."""
+        kw = dict(
+            features=features,
+            use_bias=use_bias,
+            kernel_init=kernel_init,
+            dtype=self.dtype,
+            param_dtype=param_dtype(),
+        )
+        if self.name in ("smn", "smn_l1"):
+            return CenteredDense(**kw)
+        if self.name == "sws":
+            return _norm.ScaledWSDense(gain=gain, **kw)
+        if self.name == "weightnorm":
+            return _norm.WeightNormDense(gain=gain, **kw)
+        return nn.Dense(**kw)
+
+    def norm(self, train: bool):
+        """The activation-normalization layer, or None (momentum 0.9 = PyTorch's 0.1)."""
+        kw = dict(use_running_average=not train, dtype=self.dtype, param_dtype=param_dtype())
+        if self.name == "batchnorm":
+            return nn.BatchNorm(momentum=NORM_MOMENTUM, epsilon=NORM_EPSILON, **kw)
+        if self.name in ("smn", "smn_l1"):
+            variant = "l2" if self.name == "smn" else "l1"
+            return _norm.SecondMomentNorm(
+                momentum=NORM_MOMENTUM, epsilon=NORM_EPSILON, variant=variant, **kw
+            )
+        # "weightnorm" is the reference's WN baseline: weight-normalized conv + mean-only BN
+        if self.name in ("weightnorm", "meanonly"):
+            return _norm.MeanOnlyBatchNorm(momentum=NORM_MOMENTUM, **kw)
+        if self.name == "meterez":
+            return _norm.MeterezBatchNorm(momentum=NORM_MOMENTUM, **kw)
+        return None
+
+
+class CenteredDense(_norm._KernelTransform, nn.Dense):
+    """``nn.Dense`` with zero-mean rows in the forward pass (Dense twin of CenteredConv)."""
+
+    def transform_kernel(self, kernel):
+        return _norm.center_kernel(kernel)
+
+
+def norm_spec(cfg: Mapping[str, Any], valid=NORMALIZATIONS) -> NormSpec:
+    name = check_choice(cfg["normalization"], "normalization", valid)
+    return NormSpec(name=name, dtype=resolve_dtype(cfg["dtype"]))
+
+
+def maybe(layer, h):
+    return h if layer is None else layer(h)
+
+
+# ----------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------
+
+
+def check_input(x, ndim: int, what: str, channels: int | None = None):
+    shape = jnp.shape(x)
+    if len(shape) != ndim:
+        raise ValueError(f"{what} expects an input of rank {ndim}; got shape {shape}.")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(f"{what} expects a floating-point input; got {jnp.result_type(x)}.")
+    if channels is not None and shape[-1] != channels:
+        raise ValueError(f"{what} expects {channels} input features; got shape {shape}.")
+
+
+# ----------------------------------------------------------------------------
+# Block layout and the BlockModel base
+# ----------------------------------------------------------------------------
+
+
+class Stage(NamedTuple):
+    """One group of blocks of a model.
+
+    Attributes:
+      name: variable scope of the stage (a key of ``variables['params']``).
+      block_names: human-readable block names, e.g. ``("stage1.block2", ...)``.
+      make: ``make(train, **module_kwargs)`` -> the Flax module of one block.
+      scanned: True for runs of identical blocks (``nn.scan``, stacked variables);
+        False for a single block (unstacked variables).
+      xs: per-block extra input of the block module (stacked for scanned stages),
+        e.g. the layer index of shaped activations; None if the block takes none.
+      residual: the block module defines ``branch`` and ``shortcut``.
+      identity_shortcut: the shortcut is exactly the identity (BlockGroup.shortcut None).
+    """
+
+    name: str
+    block_names: tuple[str, ...]
+    make: Callable[..., nn.Module]
+    scanned: bool = False
+    xs: Any = None
+    residual: bool = False
+    identity_shortcut: bool = False
+
+
+def _scan_body(module, carry, xs):
+    out = module(carry) if xs is None else module(carry, xs)
+    return out, None
+
+
+def _scan(module: nn.Module, h, length: int, xs):
+    scan = nn.scan(
+        _scan_body,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True},
+        length=length,
+    )
+    h, _ = scan(module, h, xs)
+    return h
+
+
+def _module_fn(module: nn.Module, train: bool, with_xs: bool, method=None):
+    """(params_i, h) -> the block module applied with one block's variables."""
+
+    def call(variables, h, *args):
+        kw = {} if method is None else {"method": method}
+        if train:  # batch statistics; running averages are not updated
+            return module.apply(variables, h, *args, mutable=["batch_stats"], **kw)[0]
+        return module.apply(variables, h, *args, **kw)
+
+    if with_xs:
+        return lambda p, h: call(p["variables"], h, p["xs"])
+    return lambda p, h: call(p, h)
+
+
+def sub_variables(variables, name: str) -> dict:
+    """The variables of child ``name``, every collection that has it."""
+    return {col: tree[name] for col, tree in variables.items() if name in tree}
+
+
+class BlockModel(nn.Module):
+    """Base of the model families: a chain of stages given by ``layout()``."""
+
+    def layout(self) -> list[Stage]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check_input(self, x) -> None:  # pragma: no cover - overridden
+        pass
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        """Logits (or features) of the model; ``train`` uses batch statistics."""
+        self.check_input(x)
+        h = x
+        for st in self.layout():
+            module = st.make(train, name=st.name)
+            if st.scanned:
+                h = _scan(module, h, len(st.block_names), st.xs)
+            else:
+                h = module(h) if st.xs is None else module(h, st.xs)
+        return h
+
+    def blocks(self, variables, x, *, train: bool) -> list[BlockGroup]:
+        """The model's blocks: ``compose_blocks(model.blocks(v, x, train=t), x)`` = apply.
+
+        In train mode batch-normalized blocks use the statistics of the batch they
+        are given (the whole batch is one input) and do not update running stats.
+        """
+        self.check_input(x)
+        groups = []
+        h = x
+        for st in self.layout():
+            module = st.make(train, parent=None)
+            v = sub_variables(variables, st.name)
+            with_xs = st.xs is not None
+            apply = _module_fn(module, train, with_xs)
+            branch = shortcut = None
+            if st.residual:
+                branch = _module_fn(module, train, with_xs, method="branch")
+                if not st.identity_shortcut:
+                    shortcut = _module_fn(module, train, with_xs, method="shortcut")
+            params = {"variables": v, "xs": st.xs} if with_xs else v
+            if st.scanned:
+
+                def step(carry, p, apply=apply):
+                    return apply(p, carry), carry
+
+                out, inputs = jax.lax.scan(step, h, params)
+                groups.append(BlockGroup(st.block_names, apply, params, inputs, branch, shortcut))
+            else:
+                out = apply(params, h)
+                groups.append(
+                    single_block(
+                        st.block_names[0], apply, params, h, branch=branch, shortcut=shortcut
+                    )
+                )
+            h = out
+        return groups

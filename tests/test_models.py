@@ -1,0 +1,330 @@
+"""Models: configs, output shapes, block structure vs apply, closed forms, bad configs.
+
+Compiles dominate the run time on CPU, so every check jits one function with
+XLA's backend optimizations off (``FAST``), and the sizes are tiny (8×8 images,
+batch 2-4). The full cross product of families × normalizations is ``slow``.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gne_jax.blocks import compose_blocks
+from gne_jax.models import MODEL_NAMES, create_model, default_config
+
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+KEY = jax.random.key(0)
+
+# Tiny members of each family; the keys are overridden per test.
+TINY = {
+    "mlp": dict(name="mlp", depth=3, width=8, num_classes=5),
+    "serial_cnn": dict(name="serial_cnn", depth=8, widths=(4, 8, 8), num_classes=5),
+    "resnet_cifar": dict(name="resnet_cifar", depth=14, widths=(4, 8, 8), num_classes=5),
+}
+NORMS = {
+    "mlp": ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly", "meterez"),
+    "serial_cnn": ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly"),
+    "resnet_cifar": ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly"),
+}
+# Run by default: each family's default normalization and one per-batch-statistic kind.
+DEFAULT_RUN = {
+    ("mlp", "none"),
+    ("mlp", "batchnorm"),
+    ("mlp", "meterez"),
+    ("serial_cnn", "none"),
+    ("serial_cnn", "smn"),
+    ("resnet_cifar", "batchnorm"),
+    ("resnet_cifar", "smn"),
+}
+
+
+def _input(name, batch=4, size=8):
+    shape = (batch, 8) if name == "mlp" else (batch, size, size, 3)
+    return jax.random.normal(jax.random.key(1), shape)
+
+
+def _num_params(tree):
+    return sum(math.prod(a.shape) for a in jax.tree.leaves(tree))
+
+
+def _init(model, x):
+    return jax.jit(functools.partial(model.init, train=False), compiler_options=FAST)(KEY, x)
+
+
+def _outputs(model, variables, x):
+    """(apply, composed blocks) in eval mode, train mode, and eval after a stats update."""
+
+    def run(variables, x):
+        eval_out = model.apply(variables, x, train=False)
+        eval_blk = compose_blocks(model.blocks(variables, x, train=False), x)
+        train_out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        train_blk = compose_blocks(model.blocks(variables, x, train=True), x)
+        moved = {**variables, **updates}  # running statistics moved away from their init
+        moved_out = model.apply(moved, 2.0 * x, train=False)
+        moved_blk = compose_blocks(model.blocks(moved, 2.0 * x, train=False), 2.0 * x)
+        return (eval_out, eval_blk), (train_out, train_blk), (moved_out, moved_blk)
+
+    return jax.jit(run, compiler_options=FAST)(variables, x)
+
+
+def _abstract_blocks(model, variables, x, train=False):
+    """Groups with ShapeDtypeStruct params/inputs, traced without running anything."""
+    static = []
+
+    def run(v, x):
+        groups = model.blocks(v, x, train=train)
+        static.extend(groups)
+        return [(g.params, g.inputs) for g in groups]
+
+    arrays = jax.eval_shape(run, variables, x)
+    return [g._replace(params=p, inputs=i) for g, (p, i) in zip(static, arrays, strict=True)]
+
+
+def _check_model(config, out_dim, x):
+    model = create_model(config)
+    variables = _init(model, x)
+    for out, blk in _outputs(model, variables, x):
+        assert out.shape == (x.shape[0], out_dim)
+        assert bool(jnp.all(jnp.isfinite(out)))
+        np.testing.assert_allclose(blk, out, rtol=1e-6, atol=1e-6)
+    return model, variables
+
+
+def _cases():
+    for fam, norms in NORMS.items():
+        for norm in norms:
+            marks = () if (fam, norm) in DEFAULT_RUN else (pytest.mark.slow,)
+            yield pytest.param(fam, norm, marks=marks, id=f"{fam}-{norm}")
+
+
+@pytest.mark.parametrize("family,normalization", list(_cases()))
+def test_blocks_compose_to_apply(family, normalization):
+    """Output shape, and composing the exposed blocks = apply to 1e-6 (eval, train, moved stats)."""
+    x = _input(family)
+    config = {**TINY[family], "normalization": normalization}
+    _check_model(config, TINY[family]["num_classes"], x)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(name="mlp", depth=4, width=8, residual="pre", residual_scale=0.5, activation="prelu"),
+        dict(name="mlp", depth=4, width=8, residual="post", normalization="batchnorm"),
+        dict(
+            name="resnet_cifar",
+            depth=8,
+            widths=(4, 8, 8),
+            normalization="none",
+            fixup_p=2.0,
+            fixup_scalars=True,
+            activation="leaky_relu",
+            negative_slope=0.3,
+        ),
+    ],
+    ids=["mlp-pre", "mlp-post", "resnet-fixup"],
+)
+def test_residual_groups_branch_plus_shortcut(config):
+    """For every residual block: shortcut(h) + branch(h) = block(h) (identity when None)."""
+    model = create_model({**config, "num_classes": 3})
+    x = _input(config["name"])
+    variables = _init(model, x)
+
+    def residual_errors(variables, x, train):
+        errs = []
+        for g in model.blocks(variables, x, train=train):
+            if not g.is_residual:
+                continue
+            sc = g.shortcut or (lambda p, h: h)
+            both = jax.vmap(lambda p, h, g=g, sc=sc: sc(p, h) + g.branch(p, h))(g.params, g.inputs)
+            full = jax.vmap(g.apply)(g.params, g.inputs)
+            errs.append(jnp.max(jnp.abs(both - full)))
+        return jnp.stack(errs)
+
+    for train in (False, True):
+        errs = jax.jit(residual_errors, static_argnums=2, compiler_options=FAST)(
+            variables, x, train
+        )
+        assert errs.size > 0
+        assert float(errs.max()) < 1e-6
+
+
+def test_block_names_and_stacking():
+    model = create_model(TINY["resnet_cifar"])
+    x = _input("resnet_cifar", batch=2)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), KEY, x)
+    groups = _abstract_blocks(model, variables, x)
+    names = [n for g in groups for n in g.names]
+    n = (14 - 2) // 6
+    expected = ["stem"]
+    expected += [f"stage{s}.block{i}" for s in (1, 2, 3) for i in range(1, n + 1)]
+    assert names == expected + ["head"]
+    for g in groups:
+        for leaf in jax.tree.leaves(g.params):
+            assert leaf.shape[0] == g.size
+        assert g.inputs.shape[0] == g.size
+    # the homogeneous runs (blocks 2..n of a stage) are one group each
+    assert [g.size for g in groups] == [1, 1, n - 1, 1, n - 1, 1, n - 1, 1]
+    # stage1.block1 has the identity shortcut; the other residual blocks S∘act
+    assert groups[1].is_residual and groups[1].shortcut is None
+    assert all(g.is_residual and g.shortcut is not None for g in groups[2:-1])
+
+
+def test_serial_cnn_layers_and_groups():
+    """6n + 2 weight layers: stem, 6n convs, linear; conv bias only without normalization."""
+    for depth in (8, 20, 32):
+        for norm, bias in (("none", True), ("batchnorm", False)):
+            model = create_model(dict(name="serial_cnn", depth=depth, normalization=norm))
+            x = jnp.zeros((2, 32, 32, 3))
+            v = jax.eval_shape(functools.partial(model.init, train=False), KEY, x)
+            kernels = [
+                a
+                for p, a in jax.tree_util.tree_leaves_with_path(v["params"])
+                if p[-1].key == "kernel"
+            ]
+            layers = sum(a.shape[0] if a.ndim in (3, 5) else 1 for a in kernels)
+            assert layers == depth
+            conv_biases = [
+                p
+                for p, _ in jax.tree_util.tree_leaves_with_path(v["params"])
+                if p[-1].key == "bias" and p[-2].key == "conv"
+            ]
+            assert bool(conv_biases) == bias
+            groups = _abstract_blocks(model, v, x)
+            n = (depth - 2) // 6
+            assert [g.size for g in groups] == [1, 2 * n, 1, 2 * n - 1, 1, 2 * n - 1, 1]
+            assert groups[-1].inputs.shape[1:] == (2, 8, 8, 64)  # avg-pool 8 at 32×32
+
+
+def test_resnet56_parameter_count():
+    """ResNet-56 (option-A shortcuts, BN) has 853,018 ≈ 0.85 M parameters."""
+    model = create_model(dict(name="resnet_cifar", depth=56))
+    v = jax.eval_shape(functools.partial(model.init, train=False), KEY, jnp.zeros((1, 32, 32, 3)))
+    count = _num_params(v["params"])
+    # 3 + 9·2 + 18·2 + ... : closed form of the torch model
+    convs = 3 * 9 * 16 + sum(9 * 2 * 9 * w * w for w in (16, 32, 64)) - 9 * (16 * 32 + 32 * 64)
+    bns = 2 * (16 + sum(2 * 9 * w for w in (16, 32, 64)))
+    assert count == convs + bns + 64 * 10 + 10
+    assert abs(count - 0.85e6) < 0.01e6
+
+
+def test_fixup_branch_init_scale():
+    """Both branch convs: std = √2/√fan_in · L^(−p/(2m)), L = 3n, m = 2 (theory §13)."""
+    p = 2.0
+    model = create_model(
+        dict(name="resnet_cifar", depth=56, normalization="none", fixup_p=p, fixup_scalars=True)
+    )
+    v = _init(model, jnp.zeros((1, 8, 8, 3)))
+    L = 27
+    for conv in ("conv1", "conv2"):
+        k = np.asarray(v["params"]["stage3"][conv]["kernel"])  # (8, 3, 3, 64, 64)
+        fan_in = 9 * 64
+        want = math.sqrt(2.0 / fan_in) * L ** (-p / 4)
+        # sample std of k.size Gaussians: relative SE ≈ 1/√(2N)
+        assert abs(k.std() / want - 1) < 4 / math.sqrt(2 * k.size)
+    scal = v["params"]["stage3"]
+    np.testing.assert_array_equal(scal["scale"], np.ones(8))
+    np.testing.assert_array_equal(scal["bias1a"], np.zeros(8))
+
+
+def test_mlp_blocks_closed_form():
+    """Hidden blocks against their formulas written with the stored kernels."""
+    x = _input("mlp")
+    for residual, a in (("none", 1.0), ("post", 0.7), ("pre", 0.3)):
+        model = create_model(
+            dict(
+                name="mlp", depth=2, width=8, residual=residual, residual_scale=a, activation="tanh"
+            )
+        )
+        v = _init(model, x)
+        w0 = v["params"]["input"]["dense"]["kernel"]
+        ws = v["params"]["hidden"]["dense"]["kernel"]
+        h = x @ w0
+        for w in ws:
+            if residual == "none":
+                h = jnp.tanh(h @ w)
+            elif residual == "post":
+                h = h + a * jnp.tanh(h @ w)
+            else:
+                h = h + a * (jnp.tanh(h) @ w)
+        want = h @ v["params"]["head"]["dense"]["kernel"]
+        got = jax.jit(model.apply, compiler_options=FAST)(v, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_meterez_mlp_rows_have_unit_norm_and_shaped_gains():
+    """Meterez construction: orthogonal W, BN(X) = diag(XXᵀ)^(−1/2)X, shaped tanh σ(ℓ^(−p)x)."""
+    width, p = 8, 0.4
+    model = create_model(
+        dict(
+            name="mlp",
+            depth=3,
+            width=width,
+            init="orthogonal",
+            normalization="meterez",
+            activation="shaped_tanh",
+            shaped_exponent=p,
+            input_layer=False,
+            num_classes=None,
+        )
+    )
+    x = jax.random.normal(jax.random.key(3), (width, width))  # batch = width
+    v = _init(model, x)
+    ws = v["params"]["hidden"]["dense"]["kernel"]
+    np.testing.assert_allclose(ws[1].T @ ws[1], np.eye(width), atol=1e-5)
+    h = x
+    for ell, w in enumerate(ws, start=1):
+        z = h @ w
+        z = z / jnp.linalg.norm(z, axis=0, keepdims=True)  # each feature over the batch
+        h = jnp.tanh(ell ** (-p) * z)
+    apply = functools.partial(model.apply, train=True, mutable=["batch_stats"])
+    out, _ = jax.jit(apply, compiler_options=FAST)(v, x)
+    np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-6)
+
+
+def test_default_configs_build():
+    for name in MODEL_NAMES:
+        cfg = default_config(name)
+        assert cfg.name == name
+        model = create_model(cfg)
+        assert hasattr(model, "blocks")
+        cfg.gain = 1.5  # callers see and override every key
+        assert create_model(cfg).gain == 1.5
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (dict(name="vgg"), r"Unknown model name 'vgg'; valid: \['mlp', 'serial_cnn'"),
+        (dict(name="mlp", widht=3), r"Unknown config key\(s\) \['widht'\].*valid keys: .*'width'"),
+        (dict(name="mlp", activation="gelu"), r"`activation` must be one of \[.*'relu'.*'tanh'"),
+        (dict(name="mlp", init="lecun"), r"`init` must be one of \[.*'orthogonal'"),
+        (dict(name="mlp", init="delta_orthogonal"), r"`init` must be one of"),
+        (dict(name="mlp", normalization="layernorm"), r"`normalization` must be one of \[.*'smn'"),
+        (dict(name="mlp", residual="both"), r"`residual` must be one of \['none', 'pre', 'post'\]"),
+        (dict(name="mlp", width=0), r"`width` must be >= 1; got 0"),
+        (dict(name="mlp", depth=-2), r"`depth` must be >= 1"),
+        (dict(name="serial_cnn", depth=33), r"`depth` must be 6n \+ 2"),
+        (dict(name="serial_cnn", normalization="meterez"), r"`normalization` must be one of"),
+        (dict(name="serial_cnn", widths=(16, 0, 64)), r"`widths\[1\]` must be >= 1"),
+        (dict(name="resnet_cifar", depth=57), r"`depth` must be 6n \+ 2 .*got 57"),
+        (dict(name="resnet_cifar", fixup_p=2.0), r"Fixup .* needs normalization='none'"),
+        (dict(name="resnet_cifar", activation="shaped_tanh"), r"`activation` must be one of"),
+        (dict(name="mlp", activation="selu_depth_aware", selu_epsilon=50.0), r"no positive"),
+    ],
+)
+def test_bad_configs_list_valid_choices(config, match):
+    with pytest.raises(ValueError, match=match):
+        create_model(config)
+
+
+def test_bad_inputs_are_rejected():
+    model = create_model(TINY["serial_cnn"])
+    with pytest.raises(ValueError, match="rank 4"):
+        model.init(KEY, jnp.zeros((2, 8)))
+    mlp = create_model(dict(name="mlp", width=8, input_layer=False))
+    with pytest.raises(ValueError, match="8 input features"):
+        mlp.init(KEY, jnp.zeros((2, 5)))
