@@ -97,14 +97,28 @@ def _update(module: nn.Module, var, batch_value: Array) -> None:
     var.value = module.momentum * var.value + (1.0 - module.momentum) * batch_value
 
 
-def _affine(module, y, feature_axes, feature_shape, use_scale, use_bias):
-    """y·γ + β with per-feature γ (init ``scale_init``) and β (init ``bias_init``)."""
+def _scale_shift(module, x, mul, shift, feature_axes, feature_shape, use_scale, use_bias):
+    """y = x·(mul·γ) + (shift·γ + β) with per-feature γ, β.
+
+    Folding γ into the per-feature multiplier before touching x (as Flax's BatchNorm
+    does) keeps the elementwise work to one fused multiply-add, and the backward
+    pass to the two reductions Σg and Σg·x of theory §12.2 (otherwise autodiff
+    forms separate Σg·x·inv and Σg·γ·x reductions).
+    """
     if use_scale:
         gamma = module.param("scale", module.scale_init, feature_shape, module.param_dtype)
-        y = y * _feature_broadcast(gamma, y, feature_axes).astype(y.dtype)
+        gamma = gamma.astype(mul.dtype if mul is not None else shift.dtype)
+        mul = gamma if mul is None else mul * gamma
+        shift = None if shift is None else shift * gamma
     if use_bias:
         beta = module.param("bias", module.bias_init, feature_shape, module.param_dtype)
-        y = y + _feature_broadcast(beta, y, feature_axes).astype(y.dtype)
+        beta = beta.astype(shift.dtype if shift is not None else mul.dtype)
+        shift = beta if shift is None else shift + beta
+    y = x
+    if mul is not None:
+        y = y * _feature_broadcast(mul, x, feature_axes)
+    if shift is not None:
+        y = y + _feature_broadcast(shift, x, feature_axes)
     return y
 
 
@@ -178,8 +192,16 @@ class SecondMomentNorm(nn.Module):
             inv = lax.rsqrt(ms + self.epsilon)
         else:
             inv = 1.0 / (stat + self.epsilon)
-        y = x.astype(cdtype) * _feature_broadcast(inv, x, feature_axes)
-        y = _affine(self, y, feature_axes, feature_shape, self.use_scale, self.use_bias)
+        y = _scale_shift(
+            self,
+            x.astype(cdtype),
+            inv,
+            None,
+            feature_axes,
+            feature_shape,
+            self.use_scale,
+            self.use_bias,
+        )
         return y.astype(_out_dtype(self, x))
 
 
@@ -216,8 +238,16 @@ class MeanOnlyBatchNorm(nn.Module):
         else:
             mean = _batch_mean(self, x, reduction_axes)
             _update(self, ra, lax.stop_gradient(mean).astype(jnp.float32))
-        y = x.astype(cdtype) - _feature_broadcast(mean, x, feature_axes)
-        y = _affine(self, y, feature_axes, feature_shape, self.use_scale, self.use_bias)
+        y = _scale_shift(
+            self,
+            x.astype(cdtype),
+            None,
+            -mean,
+            feature_axes,
+            feature_shape,
+            self.use_scale,
+            self.use_bias,
+        )
         return y.astype(_out_dtype(self, x))
 
 
@@ -277,8 +307,16 @@ class MeterezBatchNorm(nn.Module):
             _update(self, ra, lax.stop_gradient(_safe_sqrt(ms)).astype(jnp.float32))
         # ‖x_c‖² = M·E[x²]; with axis_name the count is per device, the mean is global.
         inv = factor * lax.rsqrt(count * ms + self.epsilon)
-        y = x.astype(cdtype) * _feature_broadcast(inv, x, feature_axes)
-        y = _affine(self, y, feature_axes, feature_shape, self.use_scale, self.use_bias)
+        y = _scale_shift(
+            self,
+            x.astype(cdtype),
+            inv,
+            None,
+            feature_axes,
+            feature_shape,
+            self.use_scale,
+            self.use_bias,
+        )
         return y.astype(_out_dtype(self, x))
 
 
