@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gne_jax._validate import check_choice, check_key, check_positive_int
 from gne_jax.lanczos import (
@@ -89,14 +90,13 @@ def gaussian_kernel(x: Array, sigma: Array) -> Array:
 
 
 def _check_sigma(sigma, name: str) -> None:
-    if sigma is None:
-        return
-    if is_concrete(sigma):
-        value = jnp.asarray(sigma)
-        if value.shape != () or not bool(jnp.isfinite(value)) or float(value) <= 0.0:
-            raise ValueError(
-                f"`{name}` must be a finite positive scalar (a standard deviation); got {sigma!r}"
-            )
+    if sigma is None or not is_concrete(sigma):
+        return  # a traced σ cannot be checked; documented in spectral_density
+    value = np.asarray(sigma)
+    if value.shape != () or not np.isfinite(value) or float(value) <= 0.0:
+        raise ValueError(
+            f"`{name}` must be a finite positive scalar (a standard deviation); got {sigma!r}"
+        )
 
 
 def default_rel_sigma(num_steps: int) -> float:
@@ -248,7 +248,8 @@ def spectral_density(
       num_probes: random start vectors n_v.
       num_grid: grid points when ``grid`` is None.
       sigma: absolute Gaussian standard deviation, in eigenvalue units (in log λ units
-        when ``log_scale``). Must be > 0.
+        when ``log_scale``). Must be > 0 (checked when it is a Python number or a
+        concrete array; a traced σ is used as given).
       rel_sigma: alternatively, σ as a fraction of the node range (max θ − min θ).
         Neither: ``default_rel_sigma(num_steps)``.
       grid: explicit evaluation points (λ, or log λ when ``log_scale``).
