@@ -8,6 +8,7 @@ invariants follow in closed form.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -112,16 +113,20 @@ def _solve_u(z, c, num_steps, newton_per_step):
     return jax.lax.fori_loop(0, num_steps, stage, u0)
 
 
-def resolvent(z, c, *, num_steps: int = 200, newton_per_step: int = 4) -> Array:
-    """G(z) = tr(z − JJᵀ)⁻¹ for complex z (Im z > 0), vectorized over z, jit-compatible."""
-    _check_c(c)
-    z = jnp.asarray(z)
-    cdt = jnp.result_type(1j * jnp.ones((), jnp.result_type(float)))
-    z = z.astype(cdt)
-    c = jnp.asarray(c, dtype=jnp.result_type(float))
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _resolvent(z, c, num_steps, newton_per_step):
     flat = z.reshape(-1)
     u = jax.vmap(lambda zz: _solve_u(zz, c, num_steps, newton_per_step))(flat)
     return (u / flat).reshape(z.shape)
+
+
+def resolvent(z, c, *, num_steps: int = 200, newton_per_step: int = 4) -> Array:
+    """G(z) = tr(z − JJᵀ)⁻¹ for complex z (Im z > 0), vectorized over z, jit-compatible."""
+    _check_c(c)
+    cdt = jnp.result_type(1j * jnp.ones((), jnp.result_type(float)))
+    z = jnp.asarray(z).astype(cdt)
+    c = jnp.asarray(c, dtype=jnp.result_type(float))
+    return _resolvent(z, c, int(num_steps), int(newton_per_step))
 
 
 def density(lam, c, *, eta: float = 1e-9, num_steps: int = 200, newton_per_step: int = 4):
