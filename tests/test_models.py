@@ -24,11 +24,17 @@ TINY = {
     "mlp": dict(name="mlp", depth=3, width=8, num_classes=5),
     "serial_cnn": dict(name="serial_cnn", depth=8, widths=(4, 8, 8), num_classes=5),
     "resnet_cifar": dict(name="resnet_cifar", depth=14, widths=(4, 8, 8), num_classes=5),
+    "resnet50": dict(name="resnet50", stage_sizes=(1, 2, 1, 1), width=4, num_classes=5),
+    "densenet_bc": dict(name="densenet_bc", growth_rate=4, block_sizes=(2, 1, 1), num_classes=5),
+    "conv_mobilenet": dict(name="conv_mobilenet", width_multiplier=1 / 16, num_classes=5),
 }
 NORMS = {
     "mlp": ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly", "meterez"),
     "serial_cnn": ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly"),
     "resnet_cifar": ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly"),
+    "resnet50": ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly"),
+    "densenet_bc": ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly"),
+    "conv_mobilenet": ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly"),
 }
 # Run by default: each family's default normalization and one per-batch-statistic kind.
 DEFAULT_RUN = {
@@ -39,10 +45,14 @@ DEFAULT_RUN = {
     ("serial_cnn", "smn"),
     ("resnet_cifar", "batchnorm"),
     ("resnet_cifar", "smn"),
+    ("resnet50", "batchnorm"),
+    ("densenet_bc", "batchnorm"),
+    ("conv_mobilenet", "sws"),
 }
 
 
-def _input(name, batch=4, size=8):
+def _input(name, batch=4, size=None):
+    size = size or (32 if name in ("resnet50", "conv_mobilenet") else 8)
     shape = (batch, 8) if name == "mlp" else (batch, size, size, 3)
     return jax.random.normal(jax.random.key(1), shape)
 
@@ -124,8 +134,17 @@ def test_blocks_compose_to_apply(family, normalization):
             activation="leaky_relu",
             negative_slope=0.3,
         ),
+        dict(
+            name="resnet50",
+            stage_sizes=(1, 2, 1, 1),
+            width=2,
+            normalization="none",
+            fixup="original",
+            fixup_scalars=True,
+        ),
+        dict(name="densenet_bc", growth_rate=3, block_sizes=(1, 1, 1), normalization="smn"),
     ],
-    ids=["mlp-pre", "mlp-post", "resnet-fixup"],
+    ids=["mlp-pre", "mlp-post", "resnet-fixup", "resnet50-fixup", "densenet"],
 )
 def test_residual_groups_branch_plus_shortcut(config):
     """For every residual block: shortcut(h) + branch(h) = block(h) (identity when None)."""
@@ -298,7 +317,7 @@ def test_default_configs_build():
 @pytest.mark.parametrize(
     "config,match",
     [
-        (dict(name="vgg"), r"Unknown model name 'vgg'; valid: \['mlp', 'serial_cnn'"),
+        (dict(name="vgg"), r"Unknown model name .vgg.; valid: \[.mlp., .serial_cnn.*resnet50"),
         (dict(name="mlp", widht=3), r"Unknown config key\(s\) \['widht'\].*valid keys: .*'width'"),
         (dict(name="mlp", activation="gelu"), r"`activation` must be one of \[.*'relu'.*'tanh'"),
         (dict(name="mlp", init="lecun"), r"`init` must be one of \[.*'orthogonal'"),
@@ -328,3 +347,112 @@ def test_bad_inputs_are_rejected():
     mlp = create_model(dict(name="mlp", width=8, input_layer=False))
     with pytest.raises(ValueError, match="8 input features"):
         mlp.init(KEY, jnp.zeros((2, 5)))
+
+
+def test_resnet50_parameter_count():
+    """torchvision ResNet-50: 25,557,032 parameters; Fixup drops BN (53,120) and adds scalars."""
+    x = jnp.zeros((1, 224, 224, 3))
+    counts = {}
+    for norm, fixup in (("batchnorm", "none"), ("smn", "none"), ("none", "original")):
+        model = create_model(dict(name="resnet50", normalization=norm, fixup=fixup))
+        v = jax.eval_shape(functools.partial(model.init, train=False), KEY, x)
+        counts[norm] = _num_params(v["params"])
+    assert abs(counts["batchnorm"] - 25.6e6) < 0.1e6
+    assert counts["batchnorm"] == 25_557_032
+    assert counts["smn"] == counts["batchnorm"]  # same affine parameters, centred convs
+    bn_params = 2 * (
+        64
+        + sum(
+            n * (2 * w + 4 * w) + 4 * w
+            for n, w in zip((3, 4, 6, 3), (64, 128, 256, 512), strict=True)
+        )
+    )
+    assert counts["none"] == counts["batchnorm"] - bn_params + 16 * 7 + 2
+
+
+@pytest.mark.parametrize("fixup", ["original", "ours"])
+def test_resnet50_fixup_init_table(fixup):
+    """theory §13 table: conv1/conv2 std, conv3 = 0, projection std, fc = 0."""
+    model = create_model(
+        dict(name="resnet50", normalization="none", fixup=fixup, width=16, num_classes=7)
+    )
+    v = _init(model, jnp.zeros((1, 32, 32, 3)))["params"]
+    L, m, p = 16, 3, 2.0
+    blk = v["stage3"]  # stacked blocks 2..6 of stage 3: width 64, output 256
+    for conv, fan_in, fan_out in (("conv1", 256, 64), ("conv2", 9 * 64, 9 * 64)):
+        k = np.asarray(blk[conv]["kernel"])
+        if fixup == "original":
+            want = math.sqrt(2.0 / fan_out) * L ** (-1 / 4)
+        else:
+            want = math.sqrt(2.0 / fan_in) * L ** (-p / (2 * m))
+        assert abs(k.std() / want - 1) < 4 / math.sqrt(2 * k.size)
+    assert not np.any(np.asarray(blk["conv3"]["kernel"]))
+    proj = np.asarray(v["stage3_block1"]["proj"]["kernel"])  # 1×1, 128 -> 256
+    want = math.sqrt(2.0 / 256) if fixup == "original" else math.sqrt(1.0 / 128)
+    assert abs(proj.std() / want - 1) < 4 / math.sqrt(2 * proj.size)
+    assert not np.any(np.asarray(v["head"]["dense"]["kernel"]))
+    assert not np.any(np.asarray(v["head"]["dense"]["bias"]))
+
+
+def test_densenet_channels_and_concatenation():
+    """Channels 2k + n·k per block, ⌊c/2⌋ at transitions; block(h) = [f(h), h]."""
+    k = 12
+    model = create_model(dict(name="densenet_bc"))
+    x = jnp.zeros((2, 32, 32, 3))
+    v = jax.eval_shape(functools.partial(model.init, train=False), KEY, x)
+    groups = _abstract_blocks(model, v, x)
+    by_name = {g.names[0]: g for g in groups}
+    assert len(groups) == 1 + 24 + 2 + 1
+    assert by_name["stage1.block1"].inputs.shape[1:] == (2, 32, 32, 2 * k)
+    assert by_name["transition1"].inputs.shape[1:] == (2, 32, 32, 2 * k + 8 * k)
+    # 1×1 conv with stride 2 and padding 1 (reference code): H -> (H + 2 - 1)//2 + 1: 32, 17, 10
+    assert by_name["stage2.block1"].inputs.shape[1:] == (2, 17, 17, 60)
+    assert by_name["stage3.block1"].inputs.shape[1:] == (2, 10, 10, (60 + 8 * k) // 2)
+    assert by_name["head"].inputs.shape[1:] == (2, 10, 10, 78 + 8 * k)
+
+    small = create_model(dict(name="densenet_bc", growth_rate=3, block_sizes=(1, 1, 1)))
+    xs = _input("densenet_bc", batch=2)
+    vs = _init(small, xs)
+    g = small.blocks(vs, xs, train=False)[1]
+    p0 = jax.tree.map(lambda a: a[0], g.params)
+    out = g.apply(p0, g.inputs[0])
+    np.testing.assert_array_equal(out[..., 3:], g.inputs[0])  # carried channels last
+
+
+def test_conv_mobilenet_layers_and_groups():
+    """15 weight layers (stem, 13 dense 3×3 convs, fc); layers 7-11 one scanned group."""
+    model = create_model(dict(name="conv_mobilenet"))
+    x = jnp.zeros((1, 224, 224, 3))
+    v = jax.eval_shape(functools.partial(model.init, train=False), KEY, x)
+    kernels = [
+        a for p, a in jax.tree_util.tree_leaves_with_path(v["params"]) if p[-1].key == "kernel"
+    ]
+    assert sum(a.shape[0] if a.ndim == 5 else 1 for a in kernels) == 15
+    assert all(a.shape[-4:-2] == (3, 3) for a in kernels if a.ndim >= 4)  # dense 3×3 convs
+    groups = _abstract_blocks(model, v, x)
+    assert [g.names for g in groups if g.size > 1] == [tuple(f"layer{i}" for i in range(7, 12))]
+    assert groups[-1].inputs.shape[1:] == (1, 7, 7, 1024)  # avg-pool 7 at 224×224
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (
+            dict(name="resnet50", fixup="new"),
+            r"`fixup` must be one of \['none', 'original', 'ours'\]",
+        ),
+        (dict(name="resnet50", fixup="ours"), r"needs normalization='none'"),
+        (
+            dict(name="resnet50", fixup="ours", normalization="none", init="orthogonal"),
+            r"needs init='kaiming_normal'",
+        ),
+        (dict(name="resnet50", stage_sizes=(3, 0, 6, 3)), r"`stage_sizes\[1\]` must be >= 1"),
+        (dict(name="densenet_bc", growth_rate=0), r"`growth_rate` must be >= 1"),
+        (dict(name="densenet_bc", reduction=1.5), r"`reduction` must be in \(0, 1\]"),
+        (dict(name="conv_mobilenet", strides=(1, 2)), r"`strides` must have 13 entries"),
+        (dict(name="conv_mobilenet", normalization="meterez"), r"`normalization` must be one of"),
+    ],
+)
+def test_bad_configs_imagenet_families(config, match):
+    with pytest.raises(ValueError, match=match):
+        create_model(config)

@@ -18,11 +18,17 @@ from typing import Any
 import ml_collections
 
 from gne_jax.models import common
+from gne_jax.models import densenet as _densenet
 from gne_jax.models import mlp as _mlp
+from gne_jax.models import mobilenet as _mobilenet
+from gne_jax.models import resnet50 as _resnet50
 from gne_jax.models import resnet_cifar as _resnet_cifar
 from gne_jax.models import serial_cnn as _serial_cnn
 from gne_jax.models.common import NORMALIZATIONS, BlockModel
+from gne_jax.models.densenet import DenseNetBC
 from gne_jax.models.mlp import MLP
+from gne_jax.models.mobilenet import ConvMobileNet
+from gne_jax.models.resnet50 import ResNet50
 from gne_jax.models.resnet_cifar import ResNetCIFAR
 from gne_jax.models.serial_cnn import SerialCNN
 
@@ -30,6 +36,9 @@ _FAMILIES = {
     "mlp": _mlp,
     "serial_cnn": _serial_cnn,
     "resnet_cifar": _resnet_cifar,
+    "resnet50": _resnet50,
+    "densenet_bc": _densenet,
+    "conv_mobilenet": _mobilenet,
 }
 MODEL_NAMES = tuple(_FAMILIES)
 
@@ -64,7 +73,10 @@ __all__ = [
     "MODEL_NAMES",
     "NORMALIZATIONS",
     "BlockModel",
+    "ConvMobileNet",
+    "DenseNetBC",
     "MLP",
+    "ResNet50",
     "ResNetCIFAR",
     "SerialCNN",
     "create_model",

@@ -13,7 +13,8 @@ class ConvNormAct(nn.Module):
 
     ``use_bias=None`` puts a conv bias only when there is no normalization layer
     (the paper's serial CNN). ``scalar_bias`` adds Fixup's scalar bias after the conv.
-    ``act_spec=None`` leaves out the activation.
+    ``act_spec=None`` leaves out the activation, ``use_norm=False`` the normalization
+    layer; ``pool=True`` appends the ImageNet stem's 3×3/2 max-pool.
     """
 
     features: int
@@ -26,9 +27,12 @@ class ConvNormAct(nn.Module):
     padding: int | None = None
     use_bias: bool | None = None
     scalar_bias: bool = False
+    use_norm: bool = True
+    pool: bool = False
     train: bool = False
 
     def setup(self):
+        # the paper's rule: conv biases only in networks without normalization layers
         use_bias = (not self.norm_spec.has_norm_layer) if self.use_bias is None else self.use_bias
         self.conv = self.norm_spec.conv(
             self.features,
@@ -39,7 +43,7 @@ class ConvNormAct(nn.Module):
             use_bias=use_bias,
             gain=self.gain,
         )
-        self.norm = self.norm_spec.norm(self.train)
+        self.norm = self.norm_spec.norm(self.train) if self.use_norm else None
         if self.scalar_bias:
             self.bias = self.param("bias", C.zeros_init, (), C.param_dtype())
         if self.act_spec is not None:
@@ -50,7 +54,10 @@ class ConvNormAct(nn.Module):
         if self.scalar_bias:
             h = h + self.bias.astype(h.dtype)
         h = C.maybe(self.norm, h)
-        return h if self.act_spec is None else self.act(h)
+        h = h if self.act_spec is None else self.act(h)
+        if self.pool:  # ImageNet stem: max-pool 3×3, stride 2, padding 1 (−inf padding)
+            h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return h
 
 
 class Head(nn.Module):
