@@ -40,6 +40,7 @@ from gne_jax.normalization import (  # noqa: F401
     WeightNormConv,
     WeightNormDense,
 )
+from gne_jax.models import MODEL_NAMES, create_model, default_config  # noqa: F401
 
 # --- per-block moments, ensembles, sweeps (issue 4) --------------------------
 

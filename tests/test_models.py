@@ -372,13 +372,21 @@ def test_resnet50_parameter_count():
 
 @pytest.mark.parametrize("fixup", ["original", "ours"])
 def test_resnet50_fixup_init_table(fixup):
-    """theory §13 table: conv1/conv2 std, conv3 = 0, projection std, fc = 0."""
+    """theory §13 table: conv1/conv2 std, conv3 = 0, projection std, fc = 0 (L blocks, m = 3)."""
+    stage_sizes = (1, 1, 4, 1)
     model = create_model(
-        dict(name="resnet50", normalization="none", fixup=fixup, width=16, num_classes=7)
+        dict(
+            name="resnet50",
+            normalization="none",
+            fixup=fixup,
+            stage_sizes=stage_sizes,
+            width=16,
+            num_classes=7,
+        )
     )
-    v = _init(model, jnp.zeros((1, 32, 32, 3)))["params"]
-    L, m, p = 16, 3, 2.0
-    blk = v["stage3"]  # stacked blocks 2..6 of stage 3: width 64, output 256
+    v = _init(model, jnp.zeros((1, 16, 16, 3)))["params"]
+    L, m, p = sum(stage_sizes), 3, 2.0
+    blk = v["stage3"]  # stacked blocks 2..4 of stage 3: width 64, output 256
     for conv, fan_in, fan_out in (("conv1", 256, 64), ("conv2", 9 * 64, 9 * 64)):
         k = np.asarray(blk[conv]["kernel"])
         if fixup == "original":
@@ -413,10 +421,13 @@ def test_densenet_channels_and_concatenation():
     small = create_model(dict(name="densenet_bc", growth_rate=3, block_sizes=(1, 1, 1)))
     xs = _input("densenet_bc", batch=2)
     vs = _init(small, xs)
-    g = small.blocks(vs, xs, train=False)[1]
-    p0 = jax.tree.map(lambda a: a[0], g.params)
-    out = g.apply(p0, g.inputs[0])
-    np.testing.assert_array_equal(out[..., 3:], g.inputs[0])  # carried channels last
+
+    def first_block(v, x):
+        g = small.blocks(v, x, train=False)[1]
+        return g.apply(jax.tree.map(lambda a: a[0], g.params), g.inputs[0]), g.inputs[0]
+
+    out, h = jax.jit(first_block, compiler_options=FAST)(vs, xs)
+    np.testing.assert_array_equal(out[..., 3:], h)  # carried channels last
 
 
 def test_conv_mobilenet_layers_and_groups():
@@ -456,3 +467,20 @@ def test_conv_mobilenet_layers_and_groups():
 def test_bad_configs_imagenet_families(config, match):
     with pytest.raises(ValueError, match=match):
         create_model(config)
+
+
+def test_float64_under_x64_and_vmapped_inits():
+    """Params and outputs are float64 with jax_enable_x64; inits vmap over keys."""
+    model = create_model(dict(name="mlp", depth=2, width=4, num_classes=3))
+    with jax.enable_x64(True):
+        x = jnp.ones((2, 4), jnp.float64)
+        v = _init(model, x)
+        assert all(a.dtype == jnp.float64 for a in jax.tree.leaves(v))
+        assert jax.jit(model.apply, compiler_options=FAST)(v, x).dtype == jnp.float64
+    x = jnp.ones((2, 4))
+    keys = jax.random.split(KEY, 3)
+    vs = jax.jit(jax.vmap(lambda k: model.init(k, x)), compiler_options=FAST)(keys)
+    kernels = vs["params"]["hidden"]["dense"]["kernel"]
+    assert kernels.shape == (3, 2, 4, 4)
+    assert not np.allclose(kernels[0], kernels[1])  # distinct initializations
+    assert not np.allclose(kernels[0, 0], kernels[0, 1])  # distinct layers within a scan
