@@ -30,6 +30,8 @@ SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adam")
 WEIGHT_DECAY_MASKS = ("kernels", "conv_dense", "all", "none")
 CLIP_KINDS = ("none", "value", "norm")
+# Fixup's scalar biases and multipliers as named in gne_jax.models.resnet_cifar.
+FIXUP_SCALAR_PATTERN = r"^[^/]+/(bias1a|bias1b|bias2a|bias2b|scale)$|^(stem|head)/bias$"
 
 
 def _path_names(path) -> tuple[str, ...]:

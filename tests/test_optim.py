@@ -134,3 +134,28 @@ def test_bad_optimizer_names():
         optim.make_optimizer(_config(name="lamb"), params, 1)
     with pytest.raises(ValueError, match="optimizer.clip.*expected one of"):
         optim.make_optimizer(_config(clip="sometimes"), params, 1)
+
+
+def test_fixup_scalar_pattern_selects_the_fixup_scalars():
+    from gne_jax.models import create_model, default_config
+
+    c = default_config("resnet_cifar")
+    c.update(depth=14, widths=(4, 8, 8), normalization="none", fixup_p=2.0, fixup_scalars=True)
+    model = create_model(c)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 3)))["params"]
+    labels = optim.scalar_labels(params, optim.FIXUP_SCALAR_PATTERN)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    got = {jax.tree_util.keystr(p): lab for (p, _), lab in
+           zip(flat, jax.tree.leaves(labels), strict=True)}
+    # Independent description: Fixup scalars are the parameters held directly by a block
+    # (not inside a conv/dense submodule), one number per block; a scanned stage stacks
+    # its blocks on the leading axis of its 5-D conv kernels.
+    want = {}
+    for p, leaf in flat:
+        keys = [k.key for k in p]
+        conv = params[keys[0]].get("conv1", params[keys[0]].get("conv", {})).get("kernel")
+        n = conv.shape[0] if conv is not None and conv.ndim == 5 else 1
+        direct = len(keys) == 2 and leaf.size == n and leaf.ndim <= 1
+        want[jax.tree_util.keystr(p)] = "scalar" if direct else "default"
+    assert got == want
+    assert sum(v == "scalar" for v in got.values()) >= 5

@@ -15,10 +15,8 @@ Fixup scalars: 1e-4 on all parameters and the scalars at lr/10.
 """
 
 from gne_jax.models import default_config
+from gne_jax.optim import FIXUP_SCALAR_PATTERN
 from gne_jax.training_config import base_config
-
-# Fixup's scalar biases and multipliers (gne_jax.models.resnet_cifar parameter names).
-FIXUP_SCALARS = r"(^|/)(bias1a|bias1b|bias2a|bias2b|scale)$|^(stem|head)/bias$"
 
 
 def get_config(arg: str = "bn"):
@@ -44,7 +42,7 @@ def get_config(arg: str = "bn"):
         if "scalars" in flags:
             c.optimizer.weight_decay = 1e-4
             c.optimizer.weight_decay_mask = "all"
-            c.optimizer.scalar_pattern = FIXUP_SCALARS
+            c.optimizer.scalar_pattern = FIXUP_SCALAR_PATTERN
             c.optimizer.scalar_lr_factor = 0.1
     c.mixup_alpha = 1.0 if "mixup" in flags else 0.0
     c.num_epochs = 200
