@@ -58,7 +58,9 @@ def test_gain_errors():
 
 # ---------------------------------------------------------------- orthogonality
 
-ORTHO_SHAPES = [(64, 64), (100, 30), (30, 100), (3, 3, 16, 32), (3, 3, 64, 16), (5, 5, 8, 8)]
+ORTHO_SHAPES = [(64, 64), (100, 30), (30, 100), (3, 3, 16, 32), (3, 3, 64, 16)]
+# One large shape shared by the variance tests (eager compilations are per shape).
+BIG = (3, 3, 64, 96)
 
 
 @pytest.mark.parametrize("shape", ORTHO_SHAPES)
@@ -133,8 +135,8 @@ VARIANCE_CASES = [
 
 
 @pytest.mark.parametrize("name,gain,mode,dist", VARIANCE_CASES)
-@pytest.mark.parametrize("shape", [(256, 128), (3, 3, 64, 96)])
-def test_measured_variance_matches(name, gain, mode, dist, shape):
+def test_measured_variance_matches(name, gain, mode, dist):
+    shape = BIG
     w = np.asarray(get_initializer(name)(KEY, shape), np.float64).ravel()
     fan_in, fan_out = fans(shape)
     fan = {"fan_in": fan_in, "fan_avg": (fan_in + fan_out) / 2}[mode]
@@ -151,13 +153,12 @@ def test_measured_variance_matches(name, gain, mode, dist, shape):
 
 @pytest.mark.parametrize("gain", [0.5, 2.0])
 def test_gain_and_mode_arguments(gain):
-    shape = (200, 300)
-    w = np.asarray(get_initializer("kaiming_normal", gain=gain, mode="fan_out")(KEY, shape))
-    var = gain**2 / 300
+    w = np.asarray(get_initializer("kaiming_normal", gain=gain, mode="fan_out")(KEY, BIG))
+    var = gain**2 / fans(BIG)[1]
     assert abs(np.mean(w**2) - var) < 4 * var * math.sqrt(2.0 / w.size)
 
 
-@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (3, 3, 16, 32)])
+@pytest.mark.parametrize("shape", [(100, 30), (30, 100), (3, 3, 16, 32)])
 def test_orthogonal_second_moment_exact(shape):
     # Σ w² = gain² · min(fan_in, fan_out) exactly (an orthonormal frame).
     gain = 1.5
@@ -172,16 +173,18 @@ def test_orthogonal_second_moment_exact(shape):
 @pytest.mark.parametrize("name", INITIALIZERS)
 def test_registry_deterministic_and_dtype(name):
     init = get_initializer(name)
-    a = init(KEY, (3, 3, 4, 8), jnp.float32)
-    b = init(KEY, (3, 3, 4, 8), jnp.float32)
+    a = init(KEY, BIG, jnp.float32)
+    b = init(KEY, BIG, jnp.float32)
     np.testing.assert_array_equal(a, b)
     assert a.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("name", ["kaiming_normal", "orthogonal"])
-def test_float64(name):
+def test_float64():
     with jax.enable_x64(True):
-        assert get_initializer(name)(KEY, (3, 3, 4, 8), jnp.float64).dtype == jnp.float64
+        w = get_initializer("orthogonal")(KEY, (30, 100), jnp.float64)
+        assert w.dtype == jnp.float64
+        # float64 QR is orthogonal to float64 precision
+        np.testing.assert_allclose(np.asarray(w @ w.T), np.eye(30), atol=1e-12)
 
 
 def test_registry_errors():

@@ -33,6 +33,9 @@ def _x(shape=(4, 5, 5, 3), seed=1, shift=0.5):
     return jax.random.normal(jax.random.key(seed), shape) * 1.7 + shift
 
 
+X64 = (3, 2, 2, 3)  # float64 tests: M = 12 values per channel
+
+
 def _smn_reference(x, gamma, beta, eps, variant="l2", inside=False):
     x = np.asarray(x, np.float64)
     axes = tuple(range(x.ndim - 1))
@@ -72,7 +75,7 @@ def test_smn_forward_matches_formula(variant, inside, eps):
 
 def test_smn_unit_second_moment_and_feature_axis():
     # γ = 1, β = 0, ε → 0: each channel has E[y²] = 1; axis=1 (NCHW) agrees with NHWC.
-    x = _x((6, 4, 4, 5))
+    x = _x()
     layer = SecondMomentNorm(epsilon=0.0)
     v = layer.init(KEY, x, use_running_average=False)
     y = layer.apply(v, x, use_running_average=False)
@@ -111,8 +114,8 @@ def _smn_fn(layer, x_shape):
 @pytest.mark.parametrize("variant,inside", [("l2", False), ("l2", True), ("l1", False)])
 def test_smn_backward_finite_differences(variant, inside):
     with jax.enable_x64(True):
-        x = jnp.asarray(_x((3, 2, 2, 2)), jnp.float64)
-        gamma, beta = (jnp.asarray(p, jnp.float64) for p in _params(2))
+        x = jnp.asarray(_x(X64), jnp.float64)
+        gamma, beta = (jnp.asarray(p, jnp.float64) for p in _params(3))
         layer = SecondMomentNorm(variant=variant, epsilon_inside_sqrt=inside, epsilon=0.1)
         f = _smn_fn(layer, x.shape)
         w = jnp.asarray(np.random.default_rng(0).normal(size=x.shape))
@@ -129,7 +132,7 @@ def test_smn_backward_finite_differences(variant, inside):
 def test_smn_backward_matches_closed_form(eps):
     # theory §12.2: s = γ/(m̄+ε); ∂β = Σg; ∂γ = Σgx/(m̄+ε); ∂x = s g − s Σgx/(M(m̄+ε)m̄) x
     with jax.enable_x64(True):
-        x = jnp.asarray(_x((4, 3, 3, 3)), jnp.float64)
+        x = jnp.asarray(_x(X64), jnp.float64)
         gamma, beta = (jnp.asarray(p, jnp.float64) for p in _params(3))
         f = _smn_fn(SecondMomentNorm(epsilon=eps), x.shape)
         g = jax.random.normal(jax.random.key(5), x.shape, jnp.float64)
@@ -194,13 +197,13 @@ def test_l1_running_stat():
 
 def test_smn_axis_name_matches_global_batch():
     # statistics pmean'ed over a named axis equal the statistics of the whole batch
-    x = _x((8, 3, 3, 4))
+    x = _x()
     layer = SecondMomentNorm(axis_name="data")
     v = layer.init(KEY, x, use_running_average=False)
     y_full, upd_full = SecondMomentNorm().apply(
         v, x, use_running_average=False, mutable=["batch_stats"]
     )
-    xs = x.reshape(2, 4, 3, 3, 4)
+    xs = x.reshape(2, 2, *x.shape[1:])
     y_split, upd_split = jax.vmap(
         lambda xi: layer.apply(v, xi, use_running_average=False, mutable=["batch_stats"]),
         axis_name="data",
@@ -275,7 +278,7 @@ def test_smn_jacobian_moments_multichannel_against_theory_component():
     from gne_jax.theory.components import smn_train
 
     with jax.enable_x64(True):
-        x = jnp.asarray(_x((3, 2, 2, 3), seed=4), jnp.float64)  # M = 12 per channel
+        x = jnp.asarray(_x(X64, seed=4), jnp.float64)  # M = 12 per channel
         gamma = jnp.array([0.8, 1.0, 1.5], jnp.float64)
         eps = 0.02
         layer = SecondMomentNorm(epsilon=eps)
@@ -353,6 +356,9 @@ def test_meterez_eval_uses_running_rms():
 # ---------------------------------------------------------------- kernel reparametrizations
 
 
+XC = (2, 5, 5, 3)  # input shape of every conv test
+
+
 def _conv(x, w):
     return jax.lax.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -361,13 +367,14 @@ def _conv(x, w):
 
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_scaled_ws_conv_rows(unbiased):
-    x = _x((2, 6, 6, 4))
-    layer = ScaledWSConv(8, (3, 3), padding="SAME", use_bias=False, unbiased_std=unbiased)
+    # conv tests share one input/kernel shape so eager compilations are reused
+    x = _x(XC)
+    layer = ScaledWSConv(4, (3, 3), padding="SAME", use_bias=False, unbiased_std=unbiased)
     v = layer.init(KEY, x)
     V = np.asarray(v["params"]["kernel"], np.float64)
-    n = 3 * 3 * 4
+    n = 3 * 3 * 3
     # the effective kernel: recomputed independently in numpy
-    Vf = V.reshape(n, 8)
+    Vf = V.reshape(n, 4)
     W = math.sqrt(2.0 / n) * (Vf - Vf.mean(0)) / Vf.std(0, ddof=1 if unbiased else 0)
     np.testing.assert_allclose(np.sum(W**2, 0), 2.0 * ((n - 1) / n if unbiased else 1.0), rtol=1e-6)
     np.testing.assert_allclose(W.mean(0), 0.0, atol=1e-9)
@@ -390,8 +397,8 @@ def test_scaled_ws_dense_and_gain():
 
 
 def test_scaled_ws_gradient_reaches_kernel():
-    x = _x((2, 4, 4, 3))
-    layer = ScaledWSConv(4, (3, 3))
+    x = _x((5, 16))
+    layer = ScaledWSDense(4)
     v = layer.init(KEY, x)
     g = jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply({"params": p}, x))))(v["params"])
     assert np.all(np.isfinite(np.asarray(g["kernel"]))) and float(jnp.abs(g["kernel"]).max()) > 0
@@ -403,18 +410,18 @@ def test_scaled_ws_gradient_reaches_kernel():
 
 
 def test_centered_conv():
-    x = _x((2, 6, 6, 3))
-    layer = CenteredConv(5, (3, 3), padding="SAME")
+    x = _x(XC)
+    layer = CenteredConv(4, (3, 3), padding="SAME")
     v = layer.init(KEY, x)
     V = np.asarray(v["params"]["kernel"])
-    Wc = V - V.reshape(-1, 5).mean(0)
+    Wc = V - V.reshape(-1, 4).mean(0)
     ref = _conv(x, jnp.asarray(Wc)) + v["params"]["bias"]
     np.testing.assert_allclose(np.asarray(layer.apply(v, x)), np.asarray(ref), rtol=1e-4, atol=1e-5)
     # zero-mean filters: a constant input gives the bias in the interior
-    y_const = layer.apply(v, jnp.ones((1, 6, 6, 3)))
+    y_const = layer.apply(v, jnp.ones(XC))
     np.testing.assert_allclose(
-        np.asarray(y_const[0, 2:4, 2:4]),
-        np.broadcast_to(np.asarray(v["params"]["bias"]), (2, 2, 5)),
+        np.asarray(y_const[0, 1:4, 1:4]),
+        np.broadcast_to(np.asarray(v["params"]["bias"]), (3, 3, 4)),
         atol=1e-5,
     )
 
@@ -432,14 +439,12 @@ def test_weight_norm_layers_keep_intended_scale(gain):
     # rows of the effective kernel have squared norm gain² (= Kaiming's expectation)
     np.testing.assert_allclose(np.sum(W**2, 0), gain**2, rtol=1e-6)
 
-    xc = _x((2, 5, 5, 3))
+    xc = _x(XC)
     conv = WeightNormConv(4, (3, 3), gain=gain, use_bias=False)
     vc = conv.init(KEY, xc)
     Vc = np.asarray(vc["params"]["kernel"], np.float64)
     Wc = gain * Vc / np.linalg.norm(Vc.reshape(-1, 4), axis=0)
-    ref = jax.lax.conv_general_dilated(
-        xc, jnp.asarray(Wc, jnp.float32), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    ref = _conv(xc, jnp.asarray(Wc, jnp.float32))
     np.testing.assert_allclose(
         np.asarray(conv.apply(vc, xc)), np.asarray(ref), rtol=1e-4, atol=1e-5
     )
