@@ -48,6 +48,13 @@ __all__ = [
     "smn_train",
     "smn_eval",
     "sws_conv",
+    "dense_centred",
+    "dense_standardized",
+    "weightnorm_dense",
+    "meanonly_train",
+    "subsample_pad",
+    "Signal",
+    "as_signal",
     "dropout",
     "avg_pool",
     "global_avg_pool",
@@ -75,20 +82,57 @@ class Moments(NamedTuple):
         return self.varphi / self.phi**2
 
 
+class Signal(NamedTuple):
+    """Forward statistics of the activations entering a layer (per entry).
+
+    q: second moment E[x²]; v: the variance within a channel over the batch
+    (E_c Var_batch x_c, what batch norm divides by); m: the global mean E[x].
+    Channel means are modelled as N(m, q − v − m²) across channels. A plain float
+    q stands for a centred signal ``Signal(q, q, 0)``.
+    """
+
+    q: Array
+    v: Array
+    m: Array
+
+
+def as_signal(x) -> Signal:
+    """``Signal`` from a Signal or a second moment q (centred: v = q, m = 0)."""
+    if isinstance(x, Signal):
+        return x
+    _check_positive("q", x, allow_zero=True)
+    q = _f(x)
+    return Signal(q, q, jnp.zeros_like(q))
+
+
 class Component(NamedTuple):
     """A layer of the component library.
 
     Attributes:
       name: a short label for tables.
-      moments: ``q_in -> Moments`` (q_in is the input second moment per entry).
-      forward: ``q_in -> q_out``, the second-moment (q-)map.
+      moments: ``x -> Moments`` with x the input second moment q or a `Signal`.
+      forward: ``x -> q_out``, the second-moment (q-)map.
       size_ratio: m/n, output size over input size (1 for shape-preserving layers).
+      propagate: ``Signal -> Signal``, the full forward map (q, v, m); `compose`
+        uses it so that means and batch variances reach normalization layers.
     """
 
     name: str
     moments: Callable[[Array], Moments]
     forward: Callable[[Array], Array]
     size_ratio: float = 1.0
+    propagate: Callable[[Signal], Signal] | None = None
+
+
+def _make(name: str, moments_sig, propagate, size_ratio: float = 1.0) -> Component:
+    """Component from Signal-based ``moments_sig`` and ``propagate``."""
+    return Component(
+        name,
+        lambda x: moments_sig(as_signal(x)),
+        lambda x: propagate(as_signal(x)).q,
+        float(size_ratio),
+        lambda x: propagate(as_signal(x)),
+    )
 
 
 def _f(x) -> Array:
@@ -158,9 +202,45 @@ def gaussian_expectation(fn: Callable[[Array], Array], q, *, degree: int = 256,
 # ---------------------------------------------------------------------------
 
 
-def _linear(name: str, phi: Array, varphi: Array, size_ratio: float) -> Component:
-    m = Moments(_f(phi), _f(varphi))
-    return Component(name, lambda q: m, lambda q: m.phi * _f(q), float(size_ratio))
+def _linear(name: str, phi: Array, varphi: Array, size_ratio: float, *,
+            centred: bool = False) -> Component:
+    """A random zero-mean linear map: q' = φq, v' = φv, m' = 0 (output channel means are
+    random with zero average). ``centred`` (zero-mean rows) also removes the common
+    input mean: q' = φ(q − m²)."""
+    mom = Moments(_f(phi), _f(varphi))
+
+    def propagate(sig):
+        q = sig.q - sig.m**2 if centred else sig.q
+        return Signal(mom.phi * q, mom.phi * sig.v, jnp.zeros_like(sig.m))
+
+    return _make(name, lambda sig: mom, propagate, size_ratio)
+
+
+def _diag_linear(name: str, c2, varphi=0.0, *, mean_gain=None, size_ratio=1.0) -> Component:
+    """A fixed diagonal-like map that keeps means: x ↦ c·x (φ = c²)."""
+    c2 = _f(c2)
+    mom = Moments(c2, _f(varphi))
+    mg = jnp.sqrt(c2) if mean_gain is None else _f(mean_gain)
+    return _make(name, lambda sig: mom, lambda sig: Signal(c2 * sig.q, c2 * sig.v, mg * sig.m),
+                 size_ratio)
+
+
+def _border_profile(size: int, k: int, stride: int, pad: int) -> np.ndarray:
+    """Fraction of the k taps of each output position (one axis) that hit the input."""
+    out = (size + 2 * pad - k) // stride + 1
+    o = np.arange(out)[:, None] * stride - pad + np.arange(k)[None, :]
+    return ((o >= 0) & (o < size)).mean(axis=1)
+
+
+def _conv_position_factors(input_hw, k, stride, padding) -> np.ndarray:
+    """Per output position, the fraction of valid kernel taps (zero padding at borders)."""
+    if input_hw is None:
+        return np.ones(1)
+    h, w = (input_hw, input_hw) if np.isscalar(input_hw) else input_hw
+    pad = k // 2 if padding is None else padding
+    fh = _border_profile(int(h), k, stride, pad)
+    fw = _border_profile(int(w), k, stride, pad)
+    return (fh[:, None] * fw[None, :]).ravel()
 
 
 def dense_gaussian(fan_in: int, fan_out: int, *, sigma2=None, gain=None) -> Component:
@@ -182,20 +262,23 @@ def dense_gaussian(fan_in: int, fan_out: int, *, sigma2=None, gain=None) -> Comp
 
 
 def conv_gaussian(
-    c_in: int, c_out: int, kernel_size=(3, 3), *, stride: int = 1, sigma2=None, gain=None
+    c_in: int, c_out: int, kernel_size=3, *, stride: int = 1, sigma2=None, gain=None,
+    input_hw=None, padding=None, centred: bool = False,
 ) -> Component:
-    """Convolution with an i.i.d. N(0, σ²) kernel, large spatial extent.
+    """Convolution with an i.i.d. N(0, σ²) kernel (σ² = gain²/fan_in if ``gain`` is given).
 
-    φ = c_in·k_h·k_w·σ², ϕ ≈ φ²·c_out/(c_in·stride²) (the output/input size ratio,
-    as for a dense layer; theory §8 checks stride 1 only). σ² = gain²/fan_in if
-    ``gain`` is given. Zero-padded borders lower φ slightly (not modelled).
+    φ = c_in·k_h·k_w·σ² in the interior; with ``input_hw`` the zero-padded borders are
+    modelled exactly for φ (each output position keeps its fraction f of valid taps,
+    φ_pos = fan_in·σ²·f). ϕ ≈ E[φ_pos²]·c_out/(c_in·stride²) + Var(φ_pos) (the
+    Marchenko–Pastur-like spread with the size ratio, theory §8, plus the spread of
+    row norms across positions; strided convolutions are not checked in theory.md).
+    ``centred`` (zero-mean filters, `CenteredConv`): fan_in → fan_in − 1 and the
+    common input mean is removed.
     """
     c_in, c_out = _check_int("c_in", c_in), _check_int("c_out", c_out)
-    kh, kw = (kernel_size, kernel_size) if np.isscalar(kernel_size) else kernel_size
-    kh, kw, stride = _check_int("kernel_size", kh), _check_int("kernel_size", kw), _check_int(
-        "stride", stride
-    )
-    fan_in = c_in * kh * kw
+    k = _check_int("kernel_size", kernel_size)
+    stride = _check_int("stride", stride)
+    fan_in = c_in * k * k
     if sigma2 is not None and gain is not None:
         raise ValueError("give either sigma2 or gain, not both")
     if sigma2 is None:
@@ -203,10 +286,32 @@ def conv_gaussian(
         _check_positive("gain", gain)
         sigma2 = _f(gain) ** 2 / fan_in
     _check_positive("sigma2", sigma2)
-    phi = fan_in * _f(sigma2)
+    eff = fan_in - 1 if centred else fan_in
+    f = _conv_position_factors(input_hw, k, stride, padding)
+    phi_pos = eff * _f(sigma2) * jnp.asarray(f, dtype=jnp.result_type(float))
     ratio = c_out / (c_in * stride * stride)
-    return _linear(f"conv_gaussian({c_in}->{c_out},k{kh}x{kw},s{stride})", phi, phi**2 * ratio,
-                   ratio)
+    phi = jnp.mean(phi_pos)
+    varphi = jnp.mean(phi_pos**2) * ratio + jnp.var(phi_pos)
+    return _linear(f"conv({c_in}->{c_out},k{k},s{stride})", phi, varphi, ratio,
+                   centred=centred)
+
+
+def conv_orthogonal_flat(c_in: int, c_out: int, kernel_size=3, *, gain=1.0, stride: int = 1,
+                         input_hw=None, padding=None) -> Component:
+    """Conv whose flattened kernel (c_out × c_in·k²) has orthonormal rows × gain.
+
+    φ = gain² in the interior (borders as in `conv_gaussian`); ϕ > 0 in general
+    (overlapping shifted filters) is not given by theory.md and is approximated by
+    the spread of φ across positions only. Delta-orthogonal kernels give ϕ = 0.
+    """
+    c_in, c_out = _check_int("c_in", c_in), _check_int("c_out", c_out)
+    k, stride = _check_int("kernel_size", kernel_size), _check_int("stride", stride)
+    _check_positive("gain", gain)
+    rows = min(1.0, c_in * k * k / c_out)  # orthonormal rows (or columns when c_out > fan_in)
+    f = _conv_position_factors(input_hw, k, stride, padding)
+    phi_pos = _f(gain) ** 2 * rows * jnp.asarray(f, dtype=jnp.result_type(float))
+    return _linear(f"conv_orthogonal({c_in}->{c_out})", jnp.mean(phi_pos), jnp.var(phi_pos),
+                   c_out / (c_in * stride * stride))
 
 
 def orthogonal(fan_in: int, fan_out: int, *, gain=1.0) -> Component:
@@ -220,17 +325,6 @@ def orthogonal(fan_in: int, fan_out: int, *, gain=1.0) -> Component:
         r = n / m
         phi, varphi = g2 * r, g2**2 * r * (1 - r)
     return _linear(f"orthogonal({n}->{m})", phi, varphi, m / n)
-
-
-def conv_orthogonal_flat(c_in: int, c_out: int, kernel_size=3, *, gain=1.0) -> Component:
-    """Conv whose flattened kernel (c_out × c_in·k²) has orthonormal rows × gain.
-
-    φ = gain² in the interior; ϕ > 0 in general (overlapping shifted filters) and is
-    not given by theory.md: it is approximated here by 0 (use delta-orthogonal for ϕ = 0).
-    """
-    c_in, c_out = _check_int("c_in", c_in), _check_int("c_out", c_out)
-    _check_positive("gain", gain)
-    return _linear(f"conv_orthogonal_flat({c_in}->{c_out})", _f(gain) ** 2, _f(0.0), c_out / c_in)
 
 
 def delta_orthogonal(c_in: int, c_out: int, *, gain=1.0, stride: int = 1,
@@ -256,48 +350,109 @@ def delta_orthogonal(c_in: int, c_out: int, *, gain=1.0, stride: int = 1,
 # ---------------------------------------------------------------------------
 
 
-def _diag_activation(name, phi_fn, varphi_fn, forward) -> Component:
-    return Component(name, lambda q: Moments(phi_fn(q), varphi_fn(q)), forward, 1.0)
+_SQRT2PI = math.sqrt(2.0 * math.pi)
+_SQRT2 = math.sqrt(2.0)
 
 
-def leaky_relu(negative_slope=0.01, *, p=0.5) -> Component:
-    """diag(1 or a): φ = p + a²(1−p), ϕ = p + a⁴(1−p) − φ²; q_out = q(1+a²)/2 at p = ½."""
-    _check_positive("p", p)
-    if not isinstance(p, jax.core.Tracer) and p > 1:
-        raise ValueError(f"p must be in (0, 1], got {p!r}")
-    a, p = _f(negative_slope), _f(p)
-    phi = p + a**2 * (1 - p)
-    varphi = p + a**4 * (1 - p) - phi**2
-    # E[f(h)²] for symmetric h: a fraction p on the positive side (p = ½ exactly).
-    return _diag_activation(f"leaky_relu({float(negative_slope):g})", lambda q: phi,
-                            lambda q: varphi, lambda q: _f(q) * (1 + a**2) / 2)
+def _npdf(x):
+    return jnp.exp(-(x**2) / 2) / _SQRT2PI
 
 
-def relu(*, p=0.5) -> Component:
-    """D = diag(1_{x>0}): φ = p, ϕ = p(1−p); q_out = q/2."""
-    c = leaky_relu(0.0, p=p)
-    return c._replace(name="relu")
+def _ncdf(x):
+    return jax.scipy.stats.norm.cdf(x)
 
 
-def prelu(slope=0.25, *, p=0.5) -> Component:
+def _pos_moments(m, s):
+    """E[x·1{x>0}] and E[x²·1{x>0}] for x ~ N(m, s²) (s > 0)."""
+    t = m / s
+    e1 = m * _ncdf(t) + s * _npdf(t)
+    e2 = (m**2 + s**2) * _ncdf(t) + m * s * _npdf(t)
+    return e1, e2
+
+
+def _leaky_mean(mu, s, a):
+    """E f(x), f = leaky ReLU with slope a, x ~ N(mu, s²)."""
+    e1, _ = _pos_moments(mu, s)
+    return e1 + a * (mu - e1)
+
+
+def _channel_mean_sq(mean_fn, sig: Signal, degree: int = 48) -> Array:
+    """E_c[(E[f | channel c])²] with channel means μ_c ~ N(m, d), d = q − v − m²."""
+    d = jnp.maximum(sig.q - sig.v - sig.m**2, 0.0)
+    x, w = _gh(degree)
+    dt = jnp.result_type(float)
+    mu = sig.m + jnp.sqrt(d) * jnp.asarray(x, dt)
+    return jnp.sum(jnp.asarray(w, dt) * mean_fn(mu) ** 2)
+
+
+def _tiny():
+    return jnp.finfo(jnp.result_type(float)).tiny
+
+
+def leaky_relu(negative_slope=0.01, *, p=None) -> Component:
+    """diag(1 or a): φ = p + a²(1−p), ϕ = p + a⁴(1−p) − φ².
+
+    p = P(x > 0) is taken from the input signal, x ~ N(m, q − m²) (p = ½ for a
+    centred input) unless given. The forward map uses the Gaussian closed forms
+    (q' = (1+a²)q/2 for a centred input) and tracks the output mean and the
+    within-channel variance, which batch norm after the next layer sees.
+    """
+    if p is not None:
+        _check_positive("p", p)
+        if not isinstance(p, jax.core.Tracer) and p > 1:
+            raise ValueError(f"p must be in (0, 1], got {p!r}")
+    a = _f(negative_slope)
+
+    def moments(sig):
+        if p is None:
+            s = jnp.sqrt(jnp.maximum(sig.q - sig.m**2, _tiny()))
+            pp = _ncdf(sig.m / s)
+        else:
+            pp = _f(p) + 0.0 * sig.q
+        phi = pp + a**2 * (1 - pp)
+        return Moments(phi, pp + a**4 * (1 - pp) - phi**2)
+
+    def propagate(sig):
+        s = jnp.sqrt(jnp.maximum(sig.q - sig.m**2, _tiny()))
+        e1, e2 = _pos_moments(sig.m, s)
+        # negative part: E[x²1{x<0}] = q − e2, E[x1{x<0}] = m − e1
+        q_out = e2 + a**2 * (sig.q - e2)
+        m_out = e1 + a * (sig.m - e1)
+        sv = jnp.sqrt(jnp.maximum(sig.v, _tiny()))
+        v_out = q_out - _channel_mean_sq(lambda mu: _leaky_mean(mu, sv, a), sig)
+        return Signal(q_out, jnp.maximum(v_out, 0.0), m_out)
+
+    return _make(f"leaky_relu({float(negative_slope):g})", moments, propagate)
+
+
+def relu(*, p=None) -> Component:
+    """D = diag(1_{x>0}): φ = p, ϕ = p(1−p) (p = ½ for a centred input); q_out = q/2."""
+    return leaky_relu(0.0, p=p)._replace(name="relu")
+
+
+def prelu(slope=0.25, *, p=None) -> Component:
     """PReLU at its current slope a (init 0.25: φ = 0.53125, ϕ = 0.2197): as leaky ReLU."""
     return leaky_relu(slope, p=p)._replace(name=f"prelu({float(slope):g})")
 
 
-def sprelu(slope=0.25, *, p=0.5) -> Component:
+def sprelu(slope=0.25, *, p=None) -> Component:
     """sPReLU = PReLU_a(x)/√(1+a²): φ = ½, ϕ = ¼((1−a²)/(1+a²))² at p = ½."""
     base = leaky_relu(slope, p=p)
-    s = 1.0 / (1.0 + _f(slope) ** 2)
+    c2 = 1.0 / (1.0 + _f(slope) ** 2)
 
-    def moments(q):
-        m = base.moments(q)
-        return Moments(m.phi * s, m.varphi * s**2)
+    def moments(sig):
+        m = base.moments(sig)
+        return Moments(m.phi * c2, m.varphi * c2**2)
 
-    return Component(f"sprelu({float(slope):g})", moments, lambda q: base.forward(q) * s, 1.0)
+    def propagate(sig):
+        o = base.propagate(sig)
+        return Signal(o.q * c2, o.v * c2, o.m * jnp.sqrt(c2))
+
+    return _make(f"sprelu({float(slope):g})", moments, propagate)
 
 
-def _moments_from_derivative(dfn, q, degree, method="gauss_hermite") -> Moments:
-    d2 = lambda h: dfn(h) ** 2
+def _moments_from_derivative(dfn, q, degree, method="gauss_hermite", mean=0.0) -> Moments:
+    d2 = lambda h: dfn(h + mean) ** 2
     phi = gaussian_expectation(d2, q, degree=degree, method=method)
     phi2 = gaussian_expectation(lambda h: d2(h) ** 2, q, degree=degree, method=method)
     return Moments(phi, phi2 - phi**2)
@@ -318,42 +473,58 @@ def sigmoid_moments(q, *, degree: int = 256, method: str = "gauss_hermite") -> M
     return Moments(m.phi / 16, m.varphi / 256)
 
 
+def _smooth(name, fn, dfn, degree, closed_moments=None) -> Component:
+    """Elementwise smooth activation: Gauss–Hermite over the marginal N(m, q − m²)."""
+
+    def moments(sig):
+        var = jnp.maximum(sig.q - sig.m**2, 0.0)
+        if closed_moments is not None:
+            # closed forms are for a centred input; use them when m = 0
+            cm = closed_moments(var)
+            gm = _moments_from_derivative(dfn, var, degree, mean=sig.m)
+            use = sig.m == 0
+            return Moments(jnp.where(use, cm.phi, gm.phi), jnp.where(use, cm.varphi, gm.varphi))
+        return _moments_from_derivative(dfn, var, degree, mean=sig.m)
+
+    def propagate(sig):
+        var = jnp.maximum(sig.q - sig.m**2, 0.0)
+        q_out = gaussian_expectation(lambda h: fn(h + sig.m) ** 2, var, degree=degree)
+        m_out = gaussian_expectation(lambda h: fn(h + sig.m), var, degree=degree)
+        x, w = _gh(32)
+        dt = jnp.result_type(float)
+        sv = jnp.sqrt(jnp.maximum(sig.v, 0.0))
+        cmean = lambda mu: jnp.sum(jnp.asarray(w, dt) * fn(mu[:, None] + sv * jnp.asarray(x, dt)),
+                                   axis=1)
+        v_out = q_out - _channel_mean_sq(cmean, sig, degree=32)
+        return Signal(q_out, jnp.maximum(v_out, 0.0), m_out)
+
+    return _make(name, moments, propagate)
+
+
 def tanh(*, degree: int = 256) -> Component:
     """tanh activation; q_out = E[tanh²h], h ~ N(0, q) (Gauss–Hermite)."""
-    return Component(
-        "tanh",
-        lambda q: tanh_moments(q, degree=degree),
-        lambda q: gaussian_expectation(lambda h: jnp.tanh(h) ** 2, q, degree=degree),
-        1.0,
-    )
+    return _smooth("tanh", jnp.tanh, _sech2, degree,
+                   lambda var: tanh_moments(var, degree=degree))
 
 
 def sigmoid(*, degree: int = 256) -> Component:
     """Logistic sigmoid; q_out = E[s(h)²] (non-zero mean: this is a second moment)."""
-    return Component(
-        "sigmoid",
-        lambda q: sigmoid_moments(q, degree=degree),
-        lambda q: gaussian_expectation(lambda h: jax.nn.sigmoid(h) ** 2, q, degree=degree),
-        1.0,
-    )
+    ds = lambda h: jax.nn.sigmoid(h) * (1 - jax.nn.sigmoid(h))
+    return _smooth("sigmoid", jax.nn.sigmoid, ds, degree,
+                   lambda var: sigmoid_moments(var, degree=degree))
 
 
 def smooth_activation(fn: Callable[[Array], Array], name: str = "activation", *,
                       degree: int = 256) -> Component:
     """Any elementwise activation: φ = E[f'(h)²], ϕ = E[f'(h)⁴] − φ², q_out = E[f(h)²].
 
-    f' is taken with ``jax.grad``; expectations by Gauss–Hermite quadrature, so
-    accuracy is best for smooth f.
+    f' is taken with ``jax.grad``; expectations by Gauss–Hermite quadrature over
+    h ~ N(m, q − m²), so accuracy is best for smooth f.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    dfn = jax.vmap(jax.grad(lambda x: jnp.sum(fn(x))))
-    return Component(
-        name,
-        lambda q: _moments_from_derivative(dfn, q, degree),
-        lambda q: gaussian_expectation(lambda h: fn(h) ** 2, q, degree=degree),
-        1.0,
-    )
+    dfn = lambda h: jax.vmap(jax.grad(lambda x: jnp.sum(fn(x))))(h.ravel()).reshape(h.shape)
+    return _smooth(name, fn, dfn, degree)
 
 
 def selu_moments(lam, alpha, v) -> Moments:
@@ -381,17 +552,23 @@ def _selu_second_moment(lam, alpha, v) -> Array:
 
 
 def selu(lam=1.0507009873554805, alpha=1.6732632423543772) -> Component:
-    """SELU with given (λ, α); for the depth-aware coefficients use
-    ``gne_jax.activations.selu_coefficients(epsilon, gamma0, q)`` (one solver in the library).
+    """SELU with given (λ, α); closed forms for a centred input (m = 0).
+
+    For the depth-aware coefficients use ``gne_jax.theory.depth_aware_selu`` (the
+    solver is `gne_jax.activations.selu_coefficients`, one implementation).
     """
     _check_positive("lam", lam)
     _check_positive("alpha", alpha, allow_zero=True)
-    return Component(
-        f"selu({float(lam):.4g},{float(alpha):.4g})",
-        lambda q: selu_moments(lam, alpha, q),
-        lambda q: _selu_second_moment(lam, alpha, q),
-        1.0,
-    )
+    lam_, alpha_ = _f(lam), _f(alpha)
+    fn = lambda h: lam_ * jnp.where(h > 0, h, alpha_ * jnp.expm1(jnp.minimum(h, 0.0)))
+
+    def propagate(sig):
+        q_out = _selu_second_moment(lam, alpha, sig.q)
+        m_out = gaussian_expectation(fn, sig.q)
+        return Signal(q_out, jnp.maximum(q_out - m_out**2, 0.0), m_out)
+
+    return _make(f"selu({float(lam):.4g},{float(alpha):.4g})",
+                 lambda sig: selu_moments(lam, alpha, sig.q), propagate)
 
 
 # ---------------------------------------------------------------------------
@@ -403,8 +580,9 @@ def batchnorm_train(M: int, *, gamma=1.0, eps=0.0) -> Component:
     """Batch norm in training mode, one channel of M values sharing the statistics.
 
     JJᵀ has M−2 eigenvalues γ²/(σ²+ε), one γ²ε²/(σ²+ε)³ (along x̂) and one 0 (along 1),
-    so for ε → 0: φ = γ²(1−2/M)/σ², ϕ = γ⁴·2(M−2)/(M²σ⁴). σ² is the input variance;
-    the input is taken zero-mean so σ² = q_in. q_out = γ²σ²/(σ²+ε).
+    so for ε → 0: φ = γ²(1−2/M)/σ², ϕ = γ⁴·2(M−2)/(M²σ⁴). σ² is the within-channel
+    batch variance v of the input signal (= q for a centred float input).
+    Output: q' = v' = γ²σ²/(σ²+ε), m' = 0 (β = 0).
     """
     M = _check_int("M", M)
     if M < 3:
@@ -412,22 +590,25 @@ def batchnorm_train(M: int, *, gamma=1.0, eps=0.0) -> Component:
     _check_positive("eps", eps, allow_zero=True)
     g2, eps = _f(gamma) ** 2, _f(eps)
 
-    def moments(q):
-        s = _f(q) + eps
+    def moments(sig):
+        s = sig.v + eps
         big = g2 / s
         small = big * (eps / s) ** 2
         phi = ((M - 2) * big + small) / M
         phi2 = ((M - 2) * big**2 + small**2) / M
         return Moments(phi, phi2 - phi**2)
 
-    return Component(f"batchnorm_train(M={M})", moments, lambda q: g2 * _f(q) / (_f(q) + eps), 1.0)
+    def propagate(sig):
+        q = g2 * sig.v / (sig.v + eps)
+        return Signal(q, q, jnp.zeros_like(q))
+
+    return _make(f"batchnorm_train(M={M})", moments, propagate)
 
 
 def batchnorm_eval(*, running_var=1.0, gamma=1.0, eps=1e-5) -> Component:
-    """Batch norm in eval mode: diag γ/√(rv+ε): φ = γ²/(rv+ε), ϕ = 0."""
+    """Batch norm in eval mode (running mean 0): diag γ/√(rv+ε): φ = γ²/(rv+ε), ϕ = 0."""
     _check_positive("running_var", running_var, allow_zero=True)
-    phi = _f(gamma) ** 2 / (_f(running_var) + _f(eps))
-    return _linear("batchnorm_eval", phi, 0.0 * phi, 1.0)
+    return _diag_linear("batchnorm_eval", _f(gamma) ** 2 / (_f(running_var) + _f(eps)))
 
 
 def smn_train(M: int, *, gamma=1.0, eps=0.0) -> Component:
@@ -435,7 +616,7 @@ def smn_train(M: int, *, gamma=1.0, eps=0.0) -> Component:
 
     J = γ/(m̄+ε)·(I − m̄/(m̄+ε)·uuᵀ), m̄² = q_in: JJᵀ has M−1 eigenvalues
     γ²/(m̄+ε)² and one γ²ε²/(m̄+ε)⁴; ε → 0: φ = γ²(1−1/M)/m̄², ϕ = γ⁴(M−1)/(M²m̄⁴).
-    q_out = γ²m̄²/(m̄+ε)².
+    Output: x·γ/(m̄+ε) (means and variances scale alike).
     """
     M = _check_int("M", M)
     if M < 2:
@@ -443,36 +624,82 @@ def smn_train(M: int, *, gamma=1.0, eps=0.0) -> Component:
     _check_positive("eps", eps, allow_zero=True)
     g2, eps = _f(gamma) ** 2, _f(eps)
 
-    def moments(q):
-        mb = jnp.sqrt(_f(q))
+    def moments(sig):
+        mb = jnp.sqrt(sig.q)
         big = g2 / (mb + eps) ** 2
         small = big * (eps / (mb + eps)) ** 2
         phi = ((M - 1) * big + small) / M
         phi2 = ((M - 1) * big**2 + small**2) / M
         return Moments(phi, phi2 - phi**2)
 
-    return Component(f"smn_train(M={M})", moments,
-                     lambda q: g2 * _f(q) / (jnp.sqrt(_f(q)) + eps) ** 2, 1.0)
+    def propagate(sig):
+        c = jnp.sqrt(g2) / (jnp.sqrt(sig.q) + eps)
+        return Signal(c**2 * sig.q, c**2 * sig.v, c * sig.m)
+
+    return _make(f"smn_train(M={M})", moments, propagate)
 
 
 def smn_eval(*, running_rms=1.0, gamma=1.0, eps=1e-5) -> Component:
     """SMN in eval mode: diag γ/(rRMS+ε): φ = γ²/(rRMS+ε)², ϕ = 0."""
     _check_positive("running_rms", running_rms, allow_zero=True)
-    phi = _f(gamma) ** 2 / (_f(running_rms) + _f(eps)) ** 2
-    return _linear("smn_eval", phi, 0.0 * phi, 1.0)
+    return _diag_linear("smn_eval", _f(gamma) ** 2 / (_f(running_rms) + _f(eps)) ** 2)
 
 
-def sws_conv(c_in: int, c_out: int, kernel_size=3, *, unbiased: bool = True) -> Component:
-    """Scaled weight standardization W = √(2/n)(V − mean V)/std V per output filter.
+def meanonly_train(M: int) -> Component:
+    """Mean-only batch norm, training mode: J = I − 11ᵀ/M per channel (a projection):
+    φ = 1 − 1/M, ϕ = (M−1)/M²; output q' = v' = v, m' = 0."""
+    M = _check_int("M", M)
+    phi = 1.0 - 1.0 / M
+    mom = Moments(_f(phi), _f(phi * (1 - phi)))
+    return _make(f"meanonly_train(M={M})", lambda sig: mom,
+                 lambda sig: Signal(sig.v, sig.v, jnp.zeros_like(sig.m)))
 
-    Squared row norm 2 (population std) or 2(n−1)/n (unbiased std, reference code),
-    so φ = 2(n−1)/n or 2; ϕ ≈ φ²·c_out/c_in (Gaussian-like, theory §8).
+
+def dense_centred(fan_in: int, fan_out: int, *, sigma2=None, gain=None) -> Component:
+    """Dense layer with zero-mean rows (``CenteredDense``, SMN recipe): φ = (n−1)σ²,
+    ϕ ≈ φ²(m+1)/n; the common input mean is removed."""
+    base = dense_gaussian(fan_in, fan_out, sigma2=sigma2, gain=gain)
+    m0 = base.moments(1.0)
+    c = (fan_in - 1) / fan_in
+    return _linear(f"dense_centred({fan_in}->{fan_out})", m0.phi * c, m0.varphi * c**2,
+                   fan_out / fan_in, centred=True)
+
+
+def dense_standardized(fan_in: int, fan_out: int, *, gain=_SQRT2,
+                       unbiased: bool = False) -> Component:
+    """Dense layer with scaled weight standardization: rows centred with squared norm
+    gain² (population std) or gain²(n−1)/n (unbiased): φ = that, ϕ ≈ φ²·m/n (fixed
+    row norms: no (m+1)/n row-norm term)."""
+    n, m = _check_int("fan_in", fan_in), _check_int("fan_out", fan_out)
+    phi = _f(gain) ** 2 * ((n - 1) / n if unbiased else 1.0)
+    return _linear(f"dense_sws({n}->{m})", phi, phi**2 * m / n, m / n, centred=True)
+
+
+def sws_conv(c_in: int, c_out: int, kernel_size=3, *, gain=_SQRT2, unbiased=False,
+             stride: int = 1, input_hw=None, padding=None) -> Component:
+    """Scaled weight standardization W = gain/√n·(V − mean V)/std V per output filter.
+
+    Squared row norm gain² (population std, the library default) or gain²(n−1)/n
+    (unbiased std, reference code): φ = that (× the border factor with
+    ``input_hw``), ϕ ≈ φ²·c_out/(c_in·stride²); the common input mean is removed.
     """
     c_in, c_out = _check_int("c_in", c_in), _check_int("c_out", c_out)
-    k = _check_int("kernel_size", kernel_size)
+    k, stride = _check_int("kernel_size", kernel_size), _check_int("stride", stride)
     n = c_in * k * k
-    phi = 2.0 * (n - 1) / n if unbiased else 2.0
-    return _linear(f"sws_conv({c_in}->{c_out})", phi, phi**2 * c_out / c_in, c_out / c_in)
+    row = _f(gain) ** 2 * ((n - 1) / n if unbiased else 1.0)
+    f = jnp.asarray(_conv_position_factors(input_hw, k, stride, padding), jnp.result_type(float))
+    phi_pos = row * f
+    ratio = c_out / (c_in * stride * stride)
+    return _linear(f"sws_conv({c_in}->{c_out},s{stride})", jnp.mean(phi_pos),
+                   jnp.mean(phi_pos**2) * ratio + jnp.var(phi_pos), ratio, centred=True)
+
+
+def weightnorm_dense(fan_in: int, fan_out: int, *, gain=1.0) -> Component:
+    """Salimans weight norm g·V/‖V‖ with g = gain: rows of squared norm gain²: φ = gain²,
+    ϕ ≈ φ²·m/n (fixed row norms), means not removed."""
+    n, m = _check_int("fan_in", fan_in), _check_int("fan_out", fan_out)
+    phi = _f(gain) ** 2
+    return _linear(f"weightnorm({n}->{m})", phi, phi**2 * m / n, m / n)
 
 
 # ---------------------------------------------------------------------------
@@ -486,26 +713,55 @@ def dropout(keep_prob) -> Component:
     if not isinstance(keep_prob, jax.core.Tracer) and keep_prob > 1:
         raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob!r}")
     p = _f(keep_prob)
-    return _linear(f"dropout({float(keep_prob):g})", 1 / p, (1 - p) / p**3, 1.0)
+    mom = Moments(1 / p, (1 - p) / p**3)
+    return _make(f"dropout({float(keep_prob):g})", lambda sig: mom,
+                 lambda sig: Signal(sig.q / p, sig.v + sig.q * (1 / p - 1), sig.m))
+
+
+def _pool(name, k2) -> Component:
+    """Averaging k2 spatially uncorrelated values of one channel: φ = 1/k2, ϕ = 0; the mean
+    and the channel-mean dispersion are kept, the within-channel variance shrinks ×1/k2."""
+    mom = Moments(_f(1.0 / k2), _f(0.0))
+
+    def propagate(sig):
+        d = jnp.maximum(sig.q - sig.v - sig.m**2, 0.0)
+        v = sig.v / k2
+        return Signal(sig.m**2 + d + v, v, sig.m)
+
+    return _make(name, lambda sig: mom, propagate, 1.0 / k2)
 
 
 def avg_pool(k: int) -> Component:
-    """k×k average pooling, stride k: φ = 1/k², ϕ = 0; q_out = q/k² for uncorrelated inputs."""
+    """k×k average pooling, stride k: φ = 1/k², ϕ = 0."""
     k = _check_int("k", k)
-    return _linear(f"avg_pool({k})", 1.0 / k**2, 0.0, 1.0 / k**2)
+    return _pool(f"avg_pool({k})", k * k)
 
 
 def global_avg_pool(hw: int) -> Component:
     """Global average pooling over H·W positions: φ = 1/(HW), ϕ = 0."""
     hw = _check_int("hw", hw)
-    return _linear(f"global_avg_pool({hw})", 1.0 / hw, 0.0, 1.0 / hw)
+    return _pool(f"global_avg_pool({hw})", hw)
+
+
+def subsample_pad(c_in: int, c_out: int, stride: int = 2) -> Component:
+    """ResNet down-sampling shortcut: keep every stride-th position, append c_out − c_in zero
+    channels. JJᵀ = diag(1 on real channels, 0 on padded): φ = c_in/c_out, ϕ = φ(1 − φ)."""
+    c_in, c_out, stride = _check_int("c_in", c_in), _check_int("c_out", c_out), _check_int(
+        "stride", stride)
+    if c_out < c_in:
+        raise ValueError(f"c_out must be >= c_in, got {c_in} -> {c_out}")
+    r = c_in / c_out
+    mom = Moments(_f(r), _f(r * (1 - r)))
+    return _make(f"subsample_pad({c_in}->{c_out})", lambda sig: mom,
+                 lambda sig: Signal(r * sig.q, r * sig.v, r * sig.m),
+                 c_out / (c_in * stride * stride))
 
 
 def identity() -> Component:
     """J = I: φ = 1, ϕ = 0."""
-    return _linear("identity", 1.0, 0.0, 1.0)
+    return _diag_linear("identity", 1.0)
 
 
 def scale(zeta) -> Component:
     """J = ζI (a scalar multiplier, e.g. a residual branch scale): φ = ζ², ϕ = 0."""
-    return _linear(f"scale({float(zeta):g})", _f(zeta) ** 2, 0.0, 1.0)
+    return _diag_linear(f"scale({float(zeta):g})", _f(zeta) ** 2, mean_gain=_f(zeta))

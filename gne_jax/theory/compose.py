@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gne_jax.theory.components import Component, Moments, identity, scale
+from gne_jax.theory.components import Component, Moments, Signal, as_signal, identity, scale
 
 Array = jax.Array
 
@@ -97,6 +97,7 @@ class Prediction(NamedTuple):
     q_out: Array
     size_ratio: float
     blocks: tuple = ()
+    signal_out: Signal | None = None
 
     @property
     def moments(self) -> Moments:
@@ -152,41 +153,56 @@ def _check_node(node) -> None:
         raise TypeError(f"network node must be one of {names}; got {type(node).__name__}")
 
 
-def _eval(node, q) -> Prediction:
+def _sum_signals(sigs) -> Signal:
+    """Sum of independent branches: means add, variances add, q = v-part + channel means."""
+    m = sum(s.m for s in sigs)
+    v = sum(s.v for s in sigs)
+    # channel-mean dispersions add; q = v + dispersion + m²
+    d = sum(jnp.maximum(s.q - s.v - s.m**2, 0.0) for s in sigs)
+    return Signal(v + d + m**2, v, m)
+
+
+def _eval(node, sig: Signal) -> Prediction:
     _check_node(node)
-    q = jnp.asarray(q, dtype=jnp.result_type(float))
+    q = sig.q
     if isinstance(node, Component):
-        m = node.moments(q)
-        return Prediction(node.name, m.phi, m.varphi, q, node.forward(q), node.size_ratio)
+        m = node.moments(sig)
+        if node.propagate is not None:
+            out = node.propagate(sig)
+        else:  # a user Component without propagate: scale v and m with q
+            qo = node.forward(sig.q)
+            r = qo / jnp.where(sig.q > 0, sig.q, 1.0)
+            out = Signal(qo, r * sig.v, jnp.sqrt(r) * sig.m)
+        return Prediction(node.name, m.phi, m.varphi, q, out.q, node.size_ratio, (), out)
     if isinstance(node, Serial):
         if not node.parts:
             raise ValueError("Serial needs at least one part")
         children = []
         acc = Moments(jnp.ones_like(q), jnp.zeros_like(q))
-        ratio, h = 1.0, q
+        ratio, h = 1.0, sig
         for part in node.parts:  # heterogeneous parts: a static, usually short structure
             p = _eval(part, h)
             acc = serial_moments(acc, p.moments, p.size_ratio)
             ratio *= p.size_ratio
-            h = p.q_out
+            h = p.signal_out
             children.append(p)
-        return Prediction(node.name, acc.phi, acc.varphi, q, h, ratio, tuple(children))
+        return Prediction(node.name, acc.phi, acc.varphi, q, h.q, ratio, tuple(children), h)
     if isinstance(node, Parallel):
         if not node.branches:
             raise ValueError("Parallel needs at least one branch")
-        children = tuple(_eval(b, q) for b in node.branches)
+        children = tuple(_eval(b, sig) for b in node.branches)
         ratios = {round(c.size_ratio, 12) for c in children}
         if len(ratios) != 1:
             raise ValueError(f"parallel branches must have equal size ratios, got {sorted(ratios)}")
         m = parallel_moments(*(c.moments for c in children))
         # Central branches are uncorrelated, so second moments add.
-        q_out = sum(c.q_out for c in children)
-        return Prediction(node.name, m.phi, m.varphi, q, q_out, children[0].size_ratio, children)
+        out = _sum_signals([c.signal_out for c in children])
+        return Prediction(node.name, m.phi, m.varphi, q, out.q, children[0].size_ratio, children,
+                          out)
     if isinstance(node, Residual):
         branch = Serial((node.branch, scale(node.scale)), name="branch")
         shortcut = identity() if node.shortcut is None else node.shortcut
-        p = _eval(Parallel((shortcut, branch), name=node.name), q)
-        return p
+        return _eval(Parallel((shortcut, branch), name=node.name), sig)
     if isinstance(node, Repeat):
         if int(node.count) < 1:
             raise ValueError(f"Repeat count must be >= 1, got {node.count}")
@@ -195,24 +211,26 @@ def _eval(node, q) -> Prediction:
             acc_phi, acc_varphi, h = carry
             p = _eval(node.block, h)
             acc = serial_moments(Moments(acc_phi, acc_varphi), p.moments, p.size_ratio)
-            return (acc.phi, acc.varphi, p.q_out), (p.phi, p.varphi, h, p.q_out)
+            return (acc.phi, acc.varphi, p.signal_out), (p.phi, p.varphi, h.q, p.q_out)
 
-        probe = _eval(node.block, q)
+        probe = _eval(node.block, sig)
         if abs(probe.size_ratio - 1.0) > 1e-12:
             raise ValueError("Repeat needs a shape-preserving block (size ratio 1)")
-        init = (jnp.ones_like(q), jnp.zeros_like(q), q)
+        init = (jnp.ones_like(q), jnp.zeros_like(q), sig)
         (phi, varphi, h), (bphi, bvarphi, bq_in, bq_out) = jax.lax.scan(
             step, init, None, length=int(node.count)
         )
         stacked = Prediction(probe.name, bphi, bvarphi, bq_in, bq_out, 1.0)
-        return Prediction(node.name, phi, varphi, q, h, 1.0, (stacked,))
+        return Prediction(node.name, phi, varphi, q, h.q, 1.0, (stacked,), h)
     if isinstance(node, Concat):
-        f = _eval(node.branch, q)
+        f = _eval(node.branch, sig)
         cf, cx = int(node.c_new), int(node.c_carried)
         phi = (cf * f.phi + cx) / (cf + cx)
         phi2 = (cx + 2 * cf * f.phi + cf * (f.varphi + f.phi**2)) / (cf + cx)
-        q_out = (cf * f.q_out + cx * q) / (cf + cx)
-        return Prediction(node.name, phi, phi2 - phi**2, q, q_out, (cf + cx) / cx, (f,))
+        w = lambda a, b: (cf * a + cx * b) / (cf + cx)
+        fo = f.signal_out
+        out = Signal(w(fo.q, sig.q), w(fo.v, sig.v), w(fo.m, sig.m))
+        return Prediction(node.name, phi, phi2 - phi**2, q, out.q, (cf + cx) / cx, (f,), out)
     raise AssertionError("unreachable")
 
 
@@ -220,10 +238,13 @@ def predict(network, q_in=1.0) -> Prediction:
     """Predicted φ(JJᵀ), ϕ(JJᵀ) of ``network`` for an input of second moment ``q_in``.
 
     ``network`` is a `Component` or a tree of `Serial`/`Parallel`/`Residual`/
-    `Repeat`/`Concat`. The second moment is propagated forward through the tree
-    (q-map) so smooth activations see the right input variance.
+    `Repeat`/`Concat`. The input statistics (``q_in`` a float for a centred input,
+    or a `Signal(q, v, m)`) are propagated forward through the tree (the q-map,
+    extended to the mean and the within-channel batch variance) so that smooth
+    activations see the right input variance and normalization layers the right
+    statistics.
     """
-    return _eval(network, q_in)
+    return _eval(network, as_signal(q_in))
 
 
 def per_block(prediction: Prediction) -> list[tuple[str, float, float]]:
