@@ -484,3 +484,42 @@ def test_float64_under_x64_and_vmapped_inits():
     assert kernels.shape == (3, 2, 4, 4)
     assert not np.allclose(kernels[0], kernels[1])  # distinct initializations
     assert not np.allclose(kernels[0, 0], kernels[0, 1])  # distinct layers within a scan
+
+
+def test_densenet_parameter_count_closed_form():
+    """DenseNet-BC (k = 12, 3 × 8 bottlenecks, reduction 0.5) against its layer-by-layer count."""
+    model = create_model(dict(name="densenet_bc"))
+    v = jax.eval_shape(functools.partial(model.init, train=False), KEY, jnp.zeros((1, 32, 32, 3)))
+    k, c = 12, 24
+    want = 3 * 9 * c  # stem conv, no bias (normalized net)
+    for s in range(3):
+        for _ in range(8):
+            want += 2 * c + c * 4 * k + 2 * 4 * k + 4 * k * 9 * k  # BN, 1×1, BN, 3×3
+            c += k
+        if s < 2:
+            want += 2 * c + c * (c // 2)  # BN, 1×1 transition
+            c //= 2
+    want += 2 * c + c * 10 + 10  # final BN and linear
+    assert _num_params(v["params"]) == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config,size",
+    [
+        (dict(name="resnet50"), 224),
+        (dict(name="resnet50", normalization="smn"), 224),
+        (dict(name="conv_mobilenet"), 224),
+        (dict(name="resnet_cifar", depth=56), 32),
+        (dict(name="densenet_bc"), 32),
+        (dict(name="serial_cnn", depth=32, normalization="batchnorm"), 32),
+    ],
+    ids=["resnet50", "resnet50-smn", "conv_mobilenet", "resnet56", "densenet", "serial32"],
+)
+def test_full_size_models_compose(config, size):
+    """Full-size models at their native resolution: logits shape and blocks = apply."""
+    x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+    model = create_model(config)
+    num_classes = default_config(config["name"]).num_classes
+    _check_model(config, num_classes, x)
+    assert model.num_classes == num_classes
