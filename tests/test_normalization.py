@@ -1,6 +1,7 @@
 """Normalization layers against their formulas, finite differences and theory §8/§12."""
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -237,10 +238,15 @@ def test_smn_sharded_across_devices():
         """
     )
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    import os
-
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
     out = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
     )
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
 
