@@ -331,6 +331,7 @@ def test_default_configs_build():
         (dict(name="serial_cnn", widths=(16, 0, 64)), r"`widths\[1\]` must be >= 1"),
         (dict(name="resnet_cifar", depth=57), r"`depth` must be 6n \+ 2 .*got 57"),
         (dict(name="resnet_cifar", fixup_p=2.0), r"Fixup .* needs normalization='none'"),
+        (dict(name="resnet_cifar", widths=(16, 8, 64)), r"`widths` must be non-decreasing"),
         (dict(name="resnet_cifar", activation="shaped_tanh"), r"`activation` must be one of"),
         (dict(name="mlp", activation="selu_depth_aware", selu_epsilon=50.0), r"no positive"),
     ],

@@ -229,9 +229,15 @@ def from_config(cfg: dict) -> ResNetCIFAR:
     act = C.activation_spec(cfg)
     norm = C.norm_spec(cfg, NORMALIZATIONS)
     p, scalars = check_fixup(cfg, norm.name)
+    widths = C.check_positive_ints(cfg["widths"], "widths", 3)
+    if any(b < a for a, b in zip(widths, widths[1:], strict=False)):
+        raise ValueError(
+            f"Config `widths` must be non-decreasing (the zero-padded shortcut only adds "
+            f"channels); got {widths}."
+        )
     return ResNetCIFAR(
         depth=check_depth(cfg["depth"]),
-        widths=C.check_positive_ints(cfg["widths"], "widths", 3),
+        widths=widths,
         num_classes=C.check_positive_int(cfg["num_classes"], "num_classes"),
         act_spec=act,
         init_name=C.check_init(cfg["init"]),
