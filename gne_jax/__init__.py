@@ -32,6 +32,7 @@ from gne_jax.initializers import (  # noqa: F401
 )
 from gne_jax.normalization import (  # noqa: F401
     CenteredConv,
+    CenteredDense,
     MeanOnlyBatchNorm,
     MeterezBatchNorm,
     ScaledWSConv,

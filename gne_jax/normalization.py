@@ -378,12 +378,23 @@ class _KernelTransform:
         return value
 
 
+# Public name: subclass ``(KernelTransform, nn.Conv)`` and define ``transform_kernel``.
+KernelTransform = _KernelTransform
+
+
 class CenteredConv(_KernelTransform, nn.Conv):
     """``nn.Conv`` with zero-mean filters in the forward pass (reference ``CenterConv2d``).
 
     The paper pairs it with SMN: zero-mean filters make the outputs zero-mean, so
     SMN's missing mean subtraction costs nothing (theory §12.3).
     """
+
+    def transform_kernel(self, kernel):
+        return center_kernel(kernel)
+
+
+class CenteredDense(_KernelTransform, nn.Dense):
+    """``nn.Dense`` with zero-mean columns (each output unit's weights centred)."""
 
     def transform_kernel(self, kernel):
         return center_kernel(kernel)

@@ -15,6 +15,7 @@ from jax.test_util import check_grads
 
 from gne_jax.normalization import (
     CenteredConv,
+    CenteredDense,
     MeanOnlyBatchNorm,
     MeterezBatchNorm,
     ScaledWSConv,
@@ -430,6 +431,15 @@ def test_centered_conv():
         np.broadcast_to(np.asarray(v["params"]["bias"]), (3, 3, 4)),
         atol=1e-5,
     )
+
+
+def test_centered_dense():
+    x = _x((5, 16))
+    layer = CenteredDense(4)
+    v = layer.init(KEY, x)
+    V = np.asarray(v["params"]["kernel"], np.float64)
+    ref = np.asarray(x) @ (V - V.mean(0)) + np.asarray(v["params"]["bias"])
+    np.testing.assert_allclose(np.asarray(layer.apply(v, x)), ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("gain", [1.0, math.sqrt(2.0)])
