@@ -332,18 +332,39 @@ def _state_dict(state: TrainState) -> dict:
 # --------------------------------------------------------------------------- moments hook
 
 
-def _moments_hook(config, model_apply, images):
-    """Jacobian moments of the network (eval mode) on a fixed small batch, or None."""
+def _moments_hook(config, model, images):
+    """Jacobian moments at the current parameters on a fixed small eval batch, or None.
+
+    Models exposing ``blocks`` get per-block φ, φ₂, ϕ and the end-to-end moments
+    through ``gne_jax.block_moments``; other models the end-to-end moments through
+    ``gne_jax.moments.jacobian_moments``. Evaluated in eval mode (running statistics).
+    """
     if config.moments_every_steps <= 0:
         return None
-    from gne_jax.moments import jacobian_moments  # noqa: PLC0415
-
     x = images[: int(config.moments_batch)]
+    num_probes = int(config.moments_num_probes)
+    try:
+        from gne_jax.block_moments import block_moments  # noqa: PLC0415
+    except ImportError:  # per-block probes not available: end to end only
+        block_moments = None
+
+    def to_list(a):
+        return [float(v) for v in np.asarray(a)]
 
     def hook(state, key):
         variables = _variables(state.params, state.batch_stats)
-        fn = lambda h: model_apply(variables, h, train=False)
-        m = jacobian_moments(fn, x, key=key, num_probes=int(config.moments_num_probes))
+        if block_moments is not None and hasattr(model, "blocks"):
+            bm = block_moments(model, variables, x, key=key, train=False, num_probes=num_probes)
+            e2e = bm.end_to_end
+            return {"phi": float(e2e.phi), "phi_sem": float(e2e.phi_sem),
+                    "phi2": float(e2e.phi2), "varphi": float(e2e.varphi),
+                    "block_names": list(bm.names), "block_phi": to_list(bm.blocks.phi),
+                    "block_phi2": to_list(bm.blocks.phi2),
+                    "block_varphi": to_list(bm.blocks.varphi)}
+        from gne_jax.moments import jacobian_moments  # noqa: PLC0415
+
+        fn = lambda h: model.apply(variables, h, train=False)
+        m = jacobian_moments(fn, x, key=key, num_probes=num_probes)
         return {"phi": float(m.phi), "phi_sem": float(m.phi_sem), "phi2": float(m.phi2),
                 "varphi": float(m.varphi)}
 
@@ -416,7 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         first = next(input_pipeline.eval_batches(eval_src, spec, global_batch=int(
             config.eval_batch_size)))
         moments_x = jnp.asarray(first["image"])
-        hook = _moments_hook(config, model.apply, moments_x)
+        hook = _moments_hook(config, model, moments_x)
 
     stop = total if config.stop_after_steps <= 0 else min(total, int(config.stop_after_steps))
     grad_limit = int(config.grad_norm_epochs) * spe

@@ -281,3 +281,27 @@ def test_workdir_of_another_run_is_not_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="different config.*seed"):
         train.train_and_evaluate(small_config(num_epochs=1, seed=1), str(tmp_path),
                                  model=TinyCNN())
+
+
+def test_moments_hook_matches_exact_jacobian(tmp_path):
+    from gne_jax.models import default_config
+    from gne_jax.moments import jacobian_moments
+
+    c = small_config(**{"num_epochs": 1, "moments_every_steps": 8, "moments_batch": 2,
+                        "moments_num_probes": 64, "tensorboard": False})
+    c.model = default_config("serial_cnn")
+    c.model.update(depth=8, widths=(4, 4, 4), normalization="batchnorm")
+    result = train.train_and_evaluate(c, str(tmp_path))
+    with open(tmp_path / "moments.jsonl") as f:
+        (row,) = [json.loads(line) for line in f]
+    assert row["step"] == 8
+    assert len(row["block_names"]) == len(row["block_phi"]) == 8  # stem + 6 convs + head
+    # Exact φ of the trained network (eval mode) on the same two eval images.
+    spec = input_pipeline.dataset_spec(c)
+    first = next(input_pipeline.eval_batches(input_pipeline.make_source(c, "eval"), spec,
+                                             global_batch=32))
+    x = jnp.asarray(first["image"][:2])
+    variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}
+    fn = lambda h: result.state.apply_fn(variables, h, train=False)
+    exact = jacobian_moments(fn, x, key=jax.random.PRNGKey(0), method="exact")
+    assert abs(row["phi"] - float(exact.phi)) < 4 * row["phi_sem"] + 1e-6, (row, exact.phi)
