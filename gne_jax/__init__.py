@@ -48,3 +48,20 @@ from gne_jax.models import MODEL_NAMES, create_model, default_config  # noqa: F4
 # --- theory (issue 5): use `gne_jax.theory` ----------------------------------
 
 # --- spectra and curvature (issue 6) -----------------------------------------
+from gne_jax.lanczos import EigenResult, LanczosResult, eigh_extreme, lanczos_tridiag  # noqa: F401
+from gne_jax.spectral import (  # noqa: F401
+    SpectralDensity,
+    jacobian_spectral_density,
+    smooth_density,
+    spectral_density,
+    trace_function,
+)
+from gne_jax.curvature import (  # noqa: F401
+    GroupTraces,
+    gauss_newton_matvec,
+    hessian_density,
+    hessian_eigenpairs,
+    hessian_group_traces,
+    hessian_matvec,
+    hessian_trace,
+)

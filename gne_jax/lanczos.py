@@ -269,7 +269,10 @@ def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol) -> LanczosResult:
 
     basis = jnp.zeros((k + 1, n), dtype)
     norm0 = jnp.linalg.norm(v)
-    q0 = jnp.where(norm0 > 0, v / jnp.where(norm0 > 0, norm0, 1.0), fresh(basis, k))
+    # A zero start vector is replaced by e_0 (built from v so XLA does not
+    # constant-fold a length-n reduction at compile time).
+    e0 = (jnp.arange(n) == 0).astype(dtype) + 0.0 * v
+    q0 = jnp.where(norm0 > 0, v / jnp.where(norm0 > 0, norm0, 1.0), e0)
     basis = basis.at[0].set(q0)
 
     def body(j, carry):
