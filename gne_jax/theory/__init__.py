@@ -4,7 +4,7 @@
   weights, activations incl. Gauss–Hermite for smooth ones, normalizations, ...);
 * `compose`: serial/parallel/residual composition nested to any depth with the
   forward second-moment map (`Serial`, `Parallel`, `Residual`, `Repeat`, `predict`);
-* `predict_model` (module `predict`): predictions from the library's own model configs;
+* `predict_model` (module `model_predict`): predictions from the library's own model configs;
 * companion results: `tarnowski`, `meterez`, `orvieto`, `luther`;
 * `compare`: predicted vs measured table with z-scores (and a plot).
 
@@ -44,9 +44,12 @@ def depth_aware_selu(epsilon, gamma0=1.0, q=1.0):
     return components.selu(lam, alpha)
 
 
+_LAZY = ("predict_model", "model_network", "ModelPrediction", "SUPPORTED_MODELS")
+
+
 def __getattr__(name):  # predict_model pulls in the models (flax); load on first use
-    if name in ("predict_model", "model_network", "predict"):
-        from gne_jax.theory import predict as _p
+    if name in _LAZY:
+        from gne_jax.theory import model_predict as _p
 
         return getattr(_p, name)
     raise AttributeError(f"module 'gne_jax.theory' has no attribute {name!r}")

@@ -576,26 +576,35 @@ def selu(lam=1.0507009873554805, alpha=1.6732632423543772) -> Component:
 # ---------------------------------------------------------------------------
 
 
-def batchnorm_train(M: int, *, gamma=1.0, eps=0.0) -> Component:
+def batchnorm_train(M: int, *, gamma=1.0, eps=0.0, rank=None) -> Component:
     """Batch norm in training mode, one channel of M values sharing the statistics.
 
     JJᵀ has M−2 eigenvalues γ²/(σ²+ε), one γ²ε²/(σ²+ε)³ (along x̂) and one 0 (along 1),
     so for ε → 0: φ = γ²(1−2/M)/σ², ϕ = γ⁴·2(M−2)/(M²σ⁴). σ² is the within-channel
     batch variance v of the input signal (= q for a centred float input).
     Output: q' = v' = γ²σ²/(σ²+ε), m' = 0 (β = 0).
+
+    ``rank`` [derived]: when the channel's input is wᵀh for Gaussian weights w over
+    an input whose batch covariance has ``rank`` r flat directions (r = min(M − 1,
+    fan_in) for a dense or conv layer), σ_c² ~ σ²χ²_r/r varies across channels and
+    E[1/σ_c²] = σ⁻²·r/(r−2), E[1/σ_c⁴] = σ⁻⁴·r²/((r−2)(r−4)) (Jensen); the channel
+    average of the per-channel moments is then used. ``None``: no correction.
     """
     M = _check_int("M", M)
     if M < 3:
         raise ValueError(f"M must be >= 3 for batch norm, got {M}")
     _check_positive("eps", eps, allow_zero=True)
+    if rank is not None and int(rank) < 5:
+        raise ValueError(f"rank must be >= 5 (or None), got {rank!r}")
     g2, eps = _f(gamma) ** 2, _f(eps)
+    c1, c2 = (1.0, 1.0) if rank is None else (rank / (rank - 2), rank**2 / ((rank - 2) * (rank - 4)))
 
     def moments(sig):
         s = sig.v + eps
         big = g2 / s
         small = big * (eps / s) ** 2
-        phi = ((M - 2) * big + small) / M
-        phi2 = ((M - 2) * big**2 + small**2) / M
+        phi = c1 * ((M - 2) * big + small) / M
+        phi2 = c2 * ((M - 2) * big**2 + small**2) / M
         return Moments(phi, phi2 - phi**2)
 
     def propagate(sig):
@@ -611,25 +620,29 @@ def batchnorm_eval(*, running_var=1.0, gamma=1.0, eps=1e-5) -> Component:
     return _diag_linear("batchnorm_eval", _f(gamma) ** 2 / (_f(running_var) + _f(eps)))
 
 
-def smn_train(M: int, *, gamma=1.0, eps=0.0) -> Component:
+def smn_train(M: int, *, gamma=1.0, eps=0.0, rank=None) -> Component:
     """Second moment normalization, training mode, M values per channel.
 
     J = γ/(m̄+ε)·(I − m̄/(m̄+ε)·uuᵀ), m̄² = q_in: JJᵀ has M−1 eigenvalues
     γ²/(m̄+ε)² and one γ²ε²/(m̄+ε)⁴; ε → 0: φ = γ²(1−1/M)/m̄², ϕ = γ⁴(M−1)/(M²m̄⁴).
-    Output: x·γ/(m̄+ε) (means and variances scale alike).
+    Output: x·γ/(m̄+ε) (means and variances scale alike). ``rank``: the channel-to-
+    channel Jensen correction of `batchnorm_train` (for ε ≪ m̄).
     """
     M = _check_int("M", M)
     if M < 2:
         raise ValueError(f"M must be >= 2 for SMN, got {M}")
     _check_positive("eps", eps, allow_zero=True)
+    if rank is not None and int(rank) < 5:
+        raise ValueError(f"rank must be >= 5 (or None), got {rank!r}")
     g2, eps = _f(gamma) ** 2, _f(eps)
+    c1, c2 = (1.0, 1.0) if rank is None else (rank / (rank - 2), rank**2 / ((rank - 2) * (rank - 4)))
 
     def moments(sig):
         mb = jnp.sqrt(sig.q)
         big = g2 / (mb + eps) ** 2
         small = big * (eps / (mb + eps)) ** 2
-        phi = ((M - 1) * big + small) / M
-        phi2 = ((M - 1) * big**2 + small**2) / M
+        phi = c1 * ((M - 1) * big + small) / M
+        phi2 = c2 * ((M - 1) * big**2 + small**2) / M
         return Moments(phi, phi2 - phi**2)
 
     def propagate(sig):
