@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -293,33 +294,48 @@ def _config_json(config) -> dict:
 _RESUMABLE_KEYS = ("stop_after_steps", "progress_bar", "overwrite", "log_every_steps")
 
 
-def _prepare_workdir(workdir: str, config, ckpt: Checkpointer) -> None:
-    """Refuses to mix two different runs in one workdir (unless ``config.overwrite``)."""
+_OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.csv", "grad_norms.npz", "grad_norms.png",
+            "moments.jsonl", "curves.png", "tensorboard")
+
+
+def _prepare_workdir(workdir: str, config) -> None:
+    """Refuses to mix two different runs in one workdir.
+
+    The same config resumes from the latest checkpoint. A different config, or results
+    without a checkpoint, raise ``FileExistsError`` unless ``config.overwrite``, which
+    deletes the earlier run's outputs.
+    """
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
     current = _config_json(config)
+    conflict = None
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
         strip = lambda d: {k: v for k, v in d.items() if k not in _RESUMABLE_KEYS}
-        if strip(previous) != strip(current) and not config.overwrite:
+        if strip(previous) != strip(current):
             diff = sorted(k for k in set(previous) | set(current)
                           if previous.get(k) != current.get(k) and k not in _RESUMABLE_KEYS)
+            conflict = f"holds a run with a different config (fields differ: {diff})"
+    has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+        name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
+    if conflict is None and not has_ckpt and os.path.exists(os.path.join(workdir,
+                                                                         "metrics.jsonl")):
+        conflict = "holds results but no checkpoint to resume from"
+    if conflict is not None:
+        if not config.overwrite:
             raise FileExistsError(
-                f"workdir {workdir!r} holds a run with a different config (fields differ: "
-                f"{diff}). Use a new --workdir, or --config.overwrite=True to replace it."
+                f"workdir {workdir!r} {conflict}. Use a new --workdir, or "
+                "--config.overwrite=True to delete the earlier run's outputs."
             )
-        has_results = os.path.exists(os.path.join(workdir, "metrics.jsonl"))
-        if has_results and ckpt.latest_step() is None and not config.overwrite:
-            raise FileExistsError(
-                f"workdir {workdir!r} holds results but no checkpoint to resume from. Use a new "
-                "--workdir, or --config.overwrite=True to replace them."
-            )
-    if config.overwrite:
-        for name in ("metrics.jsonl", "metrics.csv", "grad_norms.npz"):
-            p = os.path.join(workdir, name)
-            if os.path.exists(p) and ckpt.latest_step() is None:
-                os.remove(p)
+        if jax.process_index() == 0:
+            logging.warning("Deleting the earlier run in %s (config.overwrite=True)", workdir)
+            for name in _OUTPUTS:
+                target = os.path.join(workdir, name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                elif os.path.exists(target):
+                    os.remove(target)
     if jax.process_index() == 0:
         with open(path, "w") as f:
             json.dump(current, f, indent=2, sort_keys=True)
@@ -413,8 +429,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     grad_norms = layer_grad_norms(model, state.params)
     grad_names = grad_norms.names
 
+    _prepare_workdir(workdir, config)
     ckpt = Checkpointer(workdir)
-    _prepare_workdir(workdir, config, ckpt)
     writer = MetricsWriter(workdir, tensorboard=bool(config.tensorboard))
     start = 0
     if ckpt.latest_step() is not None:
@@ -505,11 +521,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             if jax.process_index() == 0:
                 with open(os.path.join(workdir, "moments.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
-        if done % spe == 0:
+        if done % spe == 0 or done == total:  # epoch end (or a partial last epoch)
             check_finite(done)
             sums = jax.device_get(state.sums)
             elapsed = time.perf_counter() - epoch_t0
-            row = {"step": done, "epoch": done // spe,
+            row = {"step": done, "epoch": done // spe if done % spe == 0 else done / spe,
                    "train_loss": float(sums["loss"] / sums["count"]),
                    "train_accuracy": float(sums["correct"] / sums["count"]),
                    "learning_rate": float(schedule(done - 1)),

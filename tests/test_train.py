@@ -281,6 +281,13 @@ def test_workdir_of_another_run_is_not_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="different config.*seed"):
         train.train_and_evaluate(small_config(num_epochs=1, seed=1), str(tmp_path),
                                  model=TinyCNN())
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert len(f.readlines()) == 1  # the first run's results are untouched
+    again = train.train_and_evaluate(small_config(num_epochs=1, seed=1, overwrite=True),
+                                     str(tmp_path), model=TinyCNN())
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert rows == [json.loads(json.dumps(r)) for r in again.history] and len(rows) == 1
 
 
 def test_moments_hook_matches_exact_jacobian(tmp_path):
