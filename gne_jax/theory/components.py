@@ -576,6 +576,14 @@ def selu(lam=1.0507009873554805, alpha=1.6732632423543772) -> Component:
 # ---------------------------------------------------------------------------
 
 
+def _jensen(rank):
+    """E[1/s] and E[1/s²] factors for s ~ χ²_r/r (1, 1 without a rank)."""
+    if rank is None:
+        return 1.0, 1.0
+    r = float(rank)
+    return r / (r - 2), r * r / ((r - 2) * (r - 4))
+
+
 def batchnorm_train(M: int, *, gamma=1.0, eps=0.0, rank=None) -> Component:
     """Batch norm in training mode, one channel of M values sharing the statistics.
 
@@ -597,7 +605,7 @@ def batchnorm_train(M: int, *, gamma=1.0, eps=0.0, rank=None) -> Component:
     if rank is not None and int(rank) < 5:
         raise ValueError(f"rank must be >= 5 (or None), got {rank!r}")
     g2, eps = _f(gamma) ** 2, _f(eps)
-    c1, c2 = (1.0, 1.0) if rank is None else (rank / (rank - 2), rank**2 / ((rank - 2) * (rank - 4)))
+    c1, c2 = _jensen(rank)
 
     def moments(sig):
         s = sig.v + eps
@@ -635,7 +643,7 @@ def smn_train(M: int, *, gamma=1.0, eps=0.0, rank=None) -> Component:
     if rank is not None and int(rank) < 5:
         raise ValueError(f"rank must be >= 5 (or None), got {rank!r}")
     g2, eps = _f(gamma) ** 2, _f(eps)
-    c1, c2 = (1.0, 1.0) if rank is None else (rank / (rank - 2), rank**2 / ((rank - 2) * (rank - 4)))
+    c1, c2 = _jensen(rank)
 
     def moments(sig):
         mb = jnp.sqrt(sig.q)
