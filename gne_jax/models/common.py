@@ -162,7 +162,7 @@ class ActivationSpec:
     def make(self):
         """A function, or a fresh Flax module for learned activations (call in setup)."""
         if self.name in SHAPED:
-            raise ValueError("Shaped activations need a layer index; use `apply_shaped`.")
+            raise ValueError("Shaped activations need the layer index; the MLP applies them.")
         act = _act.get_activation(self.name, **self.kwargs())
         return act() if _act.is_learned(self.name) else act
 
