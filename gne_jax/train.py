@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging as pylogging
 import os
 import shutil
 import time
@@ -559,6 +560,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 # --------------------------------------------------------------------------- command line
 
 
+class _QuietOrbax(pylogging.Filter):
+    """Keeps Orbax's per-save INFO lines out of the console (warnings still pass)."""
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
     from absl import app  # noqa: PLC0415
 
@@ -566,6 +574,7 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
     if FLAGS.jax_distributed:
         jax.distributed.initialize()
     logging.info("JAX process %d/%d, local devices %s", jax.process_index(),
