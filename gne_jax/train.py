@@ -86,9 +86,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Fails before any training with a message that says what to change."""
     input_pipeline.dataset_spec(config)  # unknown dataset
     norm = config.model.get("normalization", "none")
-    if norm not in NORMALIZATIONS:
+    try:
+        from gne_jax.models import NORMALIZATIONS as known  # noqa: PLC0415
+    except ImportError:
+        known = NORMALIZATIONS
+    if norm not in known:
         raise ValueError(
-            f"config.model.normalization={norm!r} is unknown; expected one of {NORMALIZATIONS}"
+            f"config.model.normalization={norm!r} is unknown; expected one of {tuple(known)}"
         )
     n_dev = jax.device_count()
     for key in ("batch_size", "eval_batch_size"):
