@@ -457,7 +457,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.moments_every_steps > 0:
         first = next(input_pipeline.eval_batches(eval_src, spec, global_batch=int(
             config.eval_batch_size)))
-        moments_x = jnp.asarray(first["image"])
+        moments_x = jax.device_put(first["image"][: int(config.moments_batch)], replicated)
         hook = _moments_hook(config, model, moments_x)
 
     stop = total if config.stop_after_steps <= 0 else min(total, int(config.stop_after_steps))
