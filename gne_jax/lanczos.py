@@ -21,7 +21,7 @@ in three places this library needs:
   guard, so an exactly invariant Krylov space (A = I, a projector, a low-rank A
   on a structured start vector) turns every later entry of T into NaN. Here a
   breakdown (β_j ≤ ``breakdown_rtol``·‖T‖ so far) sets β_j = 0 and restarts with a
-  fresh vector orthogonalized against the basis, so T decouples into
+  fresh pseudo-random vector orthogonalized against the basis, so T decouples into
   blocks: quadrature weights of the new blocks are exactly 0 (SLQ unchanged) and
   their Ritz values are genuine eigenvalues of A on the orthogonal complement
   (so multiplicities can be found by ``eigh_extreme``).
@@ -214,6 +214,10 @@ def _orthogonalize(w: Array, basis: Array) -> Array:
     return w - basis.T @ (basis @ w)
 
 
+def _unit(r: Array) -> Array:
+    return r / jnp.maximum(jnp.linalg.norm(r), jnp.finfo(r.dtype).tiny)
+
+
 def lanczos_tridiag(
     num_steps: int,
     *,
@@ -229,8 +233,8 @@ def lanczos_tridiag(
     recurrence (cheaper, loses orthogonality once a Ritz value converges, which
     produces duplicated "ghost" Ritz values). A step with
     β_j ≤ ``breakdown_rtol``·max(|α|, β so far) is a breakdown (invariant Krylov
-    space): β_j is set to 0 and the next vector is a fresh coordinate vector
-    orthogonalized against the basis (deterministic). Default
+    space): β_j is set to 0 and the next vector is a fresh deterministic
+    pseudo-random vector orthogonalized against the basis. Default
     ``breakdown_rtol = eps^(3/4)`` (1.8e-12 in float64, 6.5e-6 in float32). A
     breakdown missed by the test is harmless with ``reortho="full"``: the
     normalized rounding noise is orthogonalized twice and acts as a restart.
@@ -258,14 +262,15 @@ def lanczos_tridiag(
 def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol) -> LanczosResult:
     n, dtype = v.shape[0], v.dtype
     rtol = float(jnp.finfo(dtype).eps) ** 0.75 if breakdown_rtol is None else breakdown_rtol
-    def fresh(basis, j):
-        # Restart vector after a breakdown: the coordinate vector e_i least
-        # represented in the basis (min_i Σ_j Q_ji² ≤ (j+1)/n < 1, so e_i keeps a
-        # component of squared norm ≥ 1 − (j+1)/n outside the span),
-        # orthogonalized twice. Deterministic, and cheaper to compile than a PRNG draw.
-        i = jnp.argmin(jnp.sum(basis * basis, axis=0))
-        r = _orthogonalize(jax.nn.one_hot(i, n, dtype=dtype), basis)
-        return r / jnp.maximum(jnp.linalg.norm(r), jnp.finfo(dtype).tiny)
+    index = jnp.arange(n, dtype=dtype)
+
+    def candidate(j):
+        # Restart candidate for a breakdown at step j: a deterministic
+        # pseudo-random vector (a sine hash of (index, j); no PRNG, cheap to compile),
+        # orthogonalized against the basis in `body`. It lies in the k-dimensional
+        # span of the basis with probability zero.
+        h = jnp.sin(index * 12.9898 + (j + 1).astype(dtype) * 78.233) * 43758.5453
+        return h - jnp.floor(h) - 0.5
 
     basis = jnp.zeros((k + 1, n), dtype)
     norm0 = jnp.linalg.norm(v)
@@ -290,7 +295,14 @@ def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol) -> LanczosResult:
         stopped = ~ok
         scale = jnp.where(ok, jnp.maximum(scale, jnp.maximum(jnp.abs(a), b)), scale)
         broke = ok & (b <= rtol * scale)
-        q_next = jnp.where(broke, fresh(basis, j), w / jnp.where(broke | ~ok, 1.0, b))
+        # The restart vector (two more Gram–Schmidt passes) is computed only on
+        # breakdown; under vmap over probes the cond becomes a select and both
+        # branches run, which costs about one extra reorthogonalization per step.
+        q_next = jax.lax.cond(
+            broke,
+            lambda: _unit(_orthogonalize(candidate(j), basis)),
+            lambda: w / jnp.where(ok, b, 1.0),
+        )
         # After a non-finite value everything is frozen at zero: decoupled, zero weight.
         q_next = jnp.where(ok, q_next, 0.0)
         a = jnp.where(ok, a, 0.0)
