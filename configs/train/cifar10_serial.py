@@ -7,6 +7,8 @@ Pick the run with ``init,activation,normalization[,negative_slope]``:
   --config=configs/train/cifar10_serial.py:orthogonal,leaky_relu,none,0.3
   --config=configs/train/cifar10_serial.py:kaiming_normal,relu,smn       (SMN group)
   --config=configs/train/cifar10_serial.py:kaiming_normal,relu,batchnorm (BN baseline)
+  --config=configs/train/cifar10_serial.py:orthogonal,selu_depth_aware,none \
+      --config.model.selu_epsilon=0.03 --config.model.selu_gamma0=2.0     (SELU group)
 
 130 epochs, SGD momentum 0.9, lr 0.01 ÷10 at epoch 80, batch 128, weight decay
 5e-4 on conv/linear weights and biases, clip by value 2.0 on every step.
