@@ -576,15 +576,25 @@ def selu(lam=1.0507009873554805, alpha=1.6732632423543772) -> Component:
 # ---------------------------------------------------------------------------
 
 
-def _jensen(rank):
-    """E[1/s] and E[1/s²] factors for s ~ χ²_r/r (1, 1 without a rank)."""
+def _jensen(rank, fan_in=None):
+    """Channel average of ‖w‖²/(wᵀΣw) and of its square, relative to its mean-field value.
+
+    For Gaussian w over n = fan_in inputs whose batch covariance Σ is flat on r of
+    them (σ_c² ∝ A ~ χ²_r, ‖w‖² ∝ A + B, B ~ χ²_{n−r}):
+    E[ratio] = (r/n)(1 + (n−r)/(r−2)), E[ratio²] = (r/n)²(1 + 2(n−r)/(r−2) +
+    ((n−r)² + 2(n−r))/((r−2)(r−4))). r = n gives 1 (white input: no correction).
+    """
     if rank is None:
         return 1.0, 1.0
     r = float(rank)
-    return r / (r - 2), r * r / ((r - 2) * (r - 4))
+    n = r if fan_in is None else float(max(fan_in, rank))
+    k = n - r
+    e1 = (r / n) * (1 + k / (r - 2))
+    e2 = (r / n) ** 2 * (1 + 2 * k / (r - 2) + (k * k + 2 * k) / ((r - 2) * (r - 4)))
+    return e1, e2
 
 
-def batchnorm_train(M: int, *, gamma=1.0, eps=0.0, rank=None) -> Component:
+def batchnorm_train(M: int, *, gamma=1.0, eps=0.0, rank=None, fan_in=None) -> Component:
     """Batch norm in training mode, one channel of M values sharing the statistics.
 
     JJᵀ has M−2 eigenvalues γ²/(σ²+ε), one γ²ε²/(σ²+ε)³ (along x̂) and one 0 (along 1),
@@ -592,11 +602,11 @@ def batchnorm_train(M: int, *, gamma=1.0, eps=0.0, rank=None) -> Component:
     batch variance v of the input signal (= q for a centred float input).
     Output: q' = v' = γ²σ²/(σ²+ε), m' = 0 (β = 0).
 
-    ``rank`` [derived]: when the channel's input is wᵀh for Gaussian weights w over
-    an input whose batch covariance has ``rank`` r flat directions (r = min(M − 1,
-    fan_in) for a dense or conv layer), σ_c² ~ σ²χ²_r/r varies across channels and
-    E[1/σ_c²] = σ⁻²·r/(r−2), E[1/σ_c⁴] = σ⁻⁴·r²/((r−2)(r−4)) (Jensen); the channel
-    average of the per-channel moments is then used. ``None``: no correction.
+    ``rank``, ``fan_in`` [derived]: when the channel's input is wᵀh for Gaussian
+    weights w over ``fan_in`` inputs whose batch covariance is flat on ``rank`` r of
+    them (r = min(M − 1, fan_in)), the per-channel φ_c ∝ ‖w‖²/σ_c² varies across
+    channels; its channel average (and that of φ_c²) is used (see `_jensen`; 1 for
+    r = fan_in). ``None``: no correction.
     """
     M = _check_int("M", M)
     if M < 3:
@@ -605,7 +615,7 @@ def batchnorm_train(M: int, *, gamma=1.0, eps=0.0, rank=None) -> Component:
     if rank is not None and int(rank) < 5:
         raise ValueError(f"rank must be >= 5 (or None), got {rank!r}")
     g2, eps = _f(gamma) ** 2, _f(eps)
-    c1, c2 = _jensen(rank)
+    c1, c2 = _jensen(rank, fan_in)
 
     def moments(sig):
         s = sig.v + eps
@@ -628,7 +638,7 @@ def batchnorm_eval(*, running_var=1.0, gamma=1.0, eps=1e-5) -> Component:
     return _diag_linear("batchnorm_eval", _f(gamma) ** 2 / (_f(running_var) + _f(eps)))
 
 
-def smn_train(M: int, *, gamma=1.0, eps=0.0, rank=None) -> Component:
+def smn_train(M: int, *, gamma=1.0, eps=0.0, rank=None, fan_in=None) -> Component:
     """Second moment normalization, training mode, M values per channel.
 
     J = γ/(m̄+ε)·(I − m̄/(m̄+ε)·uuᵀ), m̄² = q_in: JJᵀ has M−1 eigenvalues
@@ -643,7 +653,7 @@ def smn_train(M: int, *, gamma=1.0, eps=0.0, rank=None) -> Component:
     if rank is not None and int(rank) < 5:
         raise ValueError(f"rank must be >= 5 (or None), got {rank!r}")
     g2, eps = _f(gamma) ** 2, _f(eps)
-    c1, c2 = _jensen(rank)
+    c1, c2 = _jensen(rank, fan_in)
 
     def moments(sig):
         mb = jnp.sqrt(sig.q)

@@ -153,14 +153,15 @@ def _norm(norm, M, train, fan_in=None):
     """
     r = None if fan_in is None else min(M - 1, fan_in)
     r = r if r is not None and r >= 5 else None
+    jw = dict(rank=r, fan_in=fan_in)
     if norm == "batchnorm":
-        return (C.batchnorm_train(M, eps=NORM_EPS, rank=r) if train
+        return (C.batchnorm_train(M, eps=NORM_EPS, **jw) if train
                 else C.batchnorm_eval(eps=NORM_EPS))
     if norm == "smn":
-        return C.smn_train(M, eps=NORM_EPS, rank=r) if train else C.smn_eval(eps=NORM_EPS)
+        return C.smn_train(M, eps=NORM_EPS, **jw) if train else C.smn_eval(eps=NORM_EPS)
     if norm == "smn_l1":  # divide by E|x| ≈ √(2q/π) for Gaussian input: γ_eff = √(π/2)
         g = math.sqrt(math.pi / 2)
-        return (C.smn_train(M, gamma=g, eps=NORM_EPS, rank=r) if train
+        return (C.smn_train(M, gamma=g, eps=NORM_EPS, **jw) if train
                 else C.smn_eval(eps=NORM_EPS))
     if norm in ("meanonly", "weightnorm"):
         return C.meanonly_train(M) if train else C.identity()
