@@ -46,6 +46,7 @@ from gne_jax.models import MODEL_NAMES, create_model, default_config  # noqa: F4
 # --- per-block moments, ensembles, sweeps (issue 4) --------------------------
 
 # --- theory (issue 5): use `gne_jax.theory` ----------------------------------
+from gne_jax import theory  # noqa: F401,E402  (numpy/jax only; models and plots load lazily)
 
 # --- spectra and curvature (issue 6) -----------------------------------------
 from gne_jax.lanczos import EigenResult, LanczosResult, eigh_extreme, lanczos_tridiag  # noqa: F401
