@@ -88,10 +88,11 @@ def main():
             jax.block_until_ready((r["state"], m))
             times[name].append((time.perf_counter() - t0) / args.steps)
     med = {name: float(np.median(t)) for name, t in times.items()}
-    print(f"{'variant':<10} {'step ms':>9} {'images/s':>9} {'compile s':>10}")
+    print(f"{'variant':<10} {'step ms':>9} {'min-max ms':>17} {'images/s':>9} {'compile s':>10}")
     for name in runs:
-        print(f"{name:<10} {1e3 * med[name]:9.1f} {args.batch / med[name]:9.1f} "
-              f"{runs[name]['compile_s']:10.1f}")
+        lo, hi = 1e3 * min(times[name]), 1e3 * max(times[name])
+        print(f"{name:<10} {1e3 * med[name]:9.1f} {lo:8.1f}-{hi:<8.1f} "
+              f"{args.batch / med[name]:9.1f} {runs[name]['compile_s']:10.1f}")
     print(f"SMN / BN step time:   {med['smn'] / med['batchnorm']:.3f}")
     print(f"SMN / none step time: {med['smn'] / med['none']:.3f}")
     print(f"BN / none step time:  {med['batchnorm'] / med['none']:.3f}")

@@ -375,3 +375,22 @@ def test_command_line(tmp_path):
     with open(tmp_path / "w" / "metrics.jsonl") as f:
         (row,) = [json.loads(line) for line in f]
     assert row["step"] == 2 and np.isfinite(row["eval_loss"])
+
+
+@pytest.mark.slow
+def test_mock_imagenet_resnet50_smn_end_to_end(tmp_path):
+    from gne_jax.training_config import from_file
+
+    c = from_file(os.path.join(REPO, "configs", "train", "imagenet_resnet50.py"), "smn_mixup")
+    c.dataset.image_size = 32
+    c.model.stage_sizes = (1, 1, 1, 1)
+    c.model.width = 8
+    c.batch_size = c.eval_batch_size = 8
+    c.num_epochs = 1
+    c.progress_bar = False
+    with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = train.train_and_evaluate(c, str(tmp_path))
+        ref_loss, _ = _eval_reference(result.state, c)
+    (row,) = result.history
+    assert row["step"] == 2
+    np.testing.assert_allclose(row["eval_loss"], ref_loss, rtol=1e-5)
