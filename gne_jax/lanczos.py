@@ -407,6 +407,11 @@ def eigh_extreme(
         raise ValueError(f"which={which!r} is not one of {_WHICH}")
     if not isinstance(num_eigs, int) or num_eigs < 1 or num_eigs > num_steps:
         raise ValueError(f"num_eigs must be an int in [1, num_steps={num_steps}], got {num_eigs!r}")
+    if which == "both" and 2 * num_eigs > num_steps:
+        raise ValueError(
+            f"which='both' returns 2*num_eigs={2 * num_eigs} values, more than "
+            f"num_steps={num_steps} Ritz values; lower num_eigs or raise num_steps"
+        )
     decompose = lanczos_tridiag(num_steps, reortho=reortho)
 
     def estimate(matvec, key, like) -> EigenResult:

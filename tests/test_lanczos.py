@@ -142,6 +142,10 @@ def test_bad_input_errors():
     a = jnp.asarray(_sym(10, 5), jnp.float32)
     with pytest.raises(ValueError, match="num_steps=11"):
         lanczos_tridiag(11)(lambda v: a @ v, jnp.ones(10))
+    with pytest.raises(ValueError, match="which='both'"):
+        eigh_extreme(5, 3, which="both")
+    with pytest.raises(ValueError, match="which"):
+        eigh_extreme(5, 2, which="top")
     with pytest.raises(ValueError, match="reortho"):
         lanczos_tridiag(3, reortho="partial")
     with pytest.raises(ValueError, match="not symmetric"):
