@@ -42,7 +42,7 @@ def _check(pred, names, meas, rel_phi, rel_varphi=None, skip=()):
 
 
 CONFIGS = {
-    "mlp": (dict(name="mlp", depth=3, width=128, num_classes=10), (32, 16)),
+    "mlp": (dict(name="mlp", depth=2, width=128, num_classes=10), (32, 16)),
     "serial_cnn": (dict(name="serial_cnn", depth=8, widths=(8, 16, 16)), (2, 8, 8, 3)),
     "resnet_bn": (dict(name="resnet_cifar", depth=8, widths=(8, 16, 16)), (2, 8, 8, 3)),
     "resnet_smn": (dict(name="resnet_cifar", depth=8, widths=(8, 16, 16), normalization="smn"),
@@ -56,14 +56,22 @@ CONFIGS = {
 def test_prediction_names_follow_the_model_blocks(which):
     cfg, shape = CONFIGS[which]
     model = create_model(cfg)
-    x = jax.numpy.ones(shape)
-    variables = model.init(jax.random.key(0), x, train=False)
-    names = tuple(b.name for b in iter_blocks(model.blocks(variables, x, train=True)))
+    # the block order of model.blocks(...) is its layout's (gne_jax.models.common)
+    names = tuple(n for st in model.layout() for n in st.block_names)
     pred = predict_model(cfg, shape)
     assert pred.names == names
     assert np.all(np.isfinite(pred.phi)) and np.all(pred.phi > 0)
     # end to end = serial composition of the blocks
     assert float(pred.network.phi) == pytest.approx(float(np.prod(pred.phi)), rel=1e-4)
+
+
+def test_prediction_names_equal_exposed_blocks():
+    cfg, shape = CONFIGS["resnet_bn"]
+    model = create_model(cfg)
+    x = jax.numpy.ones(shape)
+    variables = model.init(jax.random.key(0), x, train=False)
+    names = tuple(b.name for b in iter_blocks(model.blocks(variables, x, train=True)))
+    assert predict_model(cfg, shape).names == names
 
 
 def test_closed_form_cases():
@@ -106,7 +114,7 @@ def test_mlp_prediction_against_ensemble():
 
 
 def test_mlp_batchnorm_prediction_against_ensemble():
-    cfg = dict(name="mlp", depth=3, width=128, num_classes=10, normalization="batchnorm")
+    cfg = dict(name="mlp", depth=2, width=128, num_classes=10, normalization="batchnorm")
     shape = (32, 16)
     names, meas, _ = _measure(cfg, shape)
     pred = predict_model(cfg, shape)
