@@ -89,6 +89,10 @@ def test_closed_form_cases():
     r = min(B - 1, w)
     want = math.pi / (math.pi - 1) * (1 - 2 / B) * (r / w) * (w - 2) / (r - 2)
     np.testing.assert_allclose(pred.phi[2:], want, rtol=1e-4)
+    # eval mode with the initial running statistics (mean 0, var 1): BN is diag 1/√(1+ε),
+    # so a Kaiming ReLU block has φ = 2·½/(1 + ε)
+    pred = predict_model(cfg, (B, 32), train=False)
+    np.testing.assert_allclose(pred.phi[1:], 1 / (1 + 1e-5), rtol=1e-5)
     # Fixup p = 2 (theory §13): branch φ ≈ 2·L^(−p) per block for conv·ReLU·conv
     cfg = dict(name="resnet_cifar", depth=56, normalization="none", fixup_p=2.0)
     pred = predict_model(cfg, (4, 32, 32, 3))
