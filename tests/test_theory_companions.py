@@ -134,6 +134,17 @@ def test_tarnowski_c_from_branches():
     assert float(tarnowski.resnet_c([relu_phi] * L)) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="c must be"):
         tarnowski.tarnowski_moments(-1.0)
+    # theory §14.1 "c per activation" table at q = 0.25 / 1 / 2 (σ² = 1)
+    table = {
+        "tanh": (C.tanh(), (0.7174, 0.4644, 0.3495)),
+        "sigmoid": (C.sigmoid(), (0.0560, 0.0448, 0.0370)),
+        "hard_tanh": ("hard_tanh", (0.9545, 0.6827, 0.5205)),
+    }
+    for act, values in table.values():
+        for q, want in zip((0.25, 1.0, 2.0), values, strict=True):
+            got = float(tarnowski.resnet_c_for_activation(1.0, act, q))
+            assert got == pytest.approx(want, abs=5e-5), (act, q)
+    assert float(tarnowski.resnet_c_for_activation(2.0, C.relu())) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------

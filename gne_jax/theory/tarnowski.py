@@ -20,6 +20,7 @@ Array = jax.Array
 __all__ = [
     "TarnowskiMoments",
     "resnet_c",
+    "resnet_c_for_activation",
     "tarnowski_moments",
     "spectrum_edges",
     "resolvent",
@@ -56,6 +57,22 @@ def resnet_c(branch_phis) -> Array:
     σ²·avgₗ E[f'(hₗ)²] (e.g. σ² linear, σ²/2 ReLU).
     """
     return jnp.sum(jnp.asarray(branch_phis, dtype=jnp.result_type(float)))
+
+
+def resnet_c_for_activation(sigma2, activation, q=1.0) -> Array:
+    """c = σ²·E[f'(h)²], h ~ N(0, q), for depth-scaled branch weights N(0, σ²/(N·L)).
+
+    ``activation`` is a `gne_jax.theory.components.Component` (its φ) or ``"hard_tanh"``
+    (E f'² = P(|h| < 1) = 2Φ(1/√q) − 1). Linear: σ²; ReLU: σ²/2; leaky: σ²(1+a²)/2.
+    For bounded activations q drifts with depth: average c over the layers' q.
+    """
+    sigma2 = jnp.asarray(sigma2, dtype=jnp.result_type(float))
+    if isinstance(activation, str):
+        if activation != "hard_tanh":
+            raise ValueError(f"activation must be a Component or 'hard_tanh', got {activation!r}")
+        q = jnp.asarray(q, dtype=jnp.result_type(float))
+        return sigma2 * (2 * jax.scipy.stats.norm.cdf(1 / jnp.sqrt(q)) - 1)
+    return sigma2 * activation.moments(q).phi
 
 
 def spectrum_edges(c) -> tuple[Array, Array]:
