@@ -47,7 +47,13 @@ from gne_jax.lanczos import (
     ravel_like,
     ritz,
 )
-from gne_jax.stochtrace import DISTRIBUTIONS, TraceEstimate, map_probes, mean_and_sem
+from gne_jax.stochtrace import (
+    DISTRIBUTIONS,
+    TraceEstimate,
+    map_probes,
+    mean_and_sem,
+    rademacher,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -210,7 +216,7 @@ def slq_nodes(
     n = flat.shape[0]
     check_num_steps(num_steps, n)
     decompose = lanczos_tridiag(num_steps, reortho=reortho)
-    draw = jax.random.rademacher if dist == "rademacher" else jax.random.normal
+    draw = rademacher if dist == "rademacher" else jax.random.normal
 
     def one(k_):
         v = draw(k_, (n,), dtype=flat.dtype)
