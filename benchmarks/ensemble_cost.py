@@ -1,0 +1,78 @@
+"""Cost of block moments over an ensemble of initializations, measured in one run.
+
+Prints the time per initialization of ``ensemble_block_moments`` (inits vmapped, one
+compiled program) over a Python loop of single-init calls (one jitted init + probe
+function, compiled once, called per key), and inits per second for both. Compile time
+is excluded from both (each is warmed up first) and reported separately.
+
+    python benchmarks/ensemble_cost.py [--inits 64 --width 256 --depth 32 --probes 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import jax
+import numpy as np
+
+from gne_jax.block_moments import block_moments
+from gne_jax.ensemble import ensemble_block_moments
+from gne_jax.models import create_model
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--inits", type=int, default=64)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--depth", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--probes", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    model = create_model({"name": "mlp", "depth": a.depth, "width": a.width,
+                          "activation": "tanh", "init": "orthogonal", "num_classes": None})
+    x = jax.random.normal(jax.random.key(0), (a.batch, a.width))
+    key = jax.random.key(1)
+    kw = dict(num_probes=a.probes)
+
+    def ensemble():
+        return ensemble_block_moments(model, x, key=key, num_inits=a.inits, mesh=None, **kw)
+
+    @jax.jit
+    def single(k):
+        k_init, k_probe = jax.random.split(k)
+        return block_moments(model, model.init(k_init, x, train=False), x, key=k_probe, **kw)
+
+    keys = jax.random.split(key, a.inits)
+
+    def loop():
+        return [single(k) for k in keys]
+
+    t = time.perf_counter()
+    jax.block_until_ready(ensemble())
+    c_ens = time.perf_counter() - t
+    t = time.perf_counter()
+    jax.block_until_ready(single(keys[0]))
+    c_single = time.perf_counter() - t
+    t_ens = np.median([_time(ensemble) for _ in range(a.repeats)])
+    t_loop = np.median([_time(loop) for _ in range(a.repeats)])
+    print(f"# device: {jax.devices()[0].device_kind} ({platform.machine()}), "
+          f"{jax.device_count()} device(s), jax {jax.__version__}")
+    print(f"# MLP width {a.width}, depth {a.depth}, batch {a.batch}, {a.inits} inits, "
+          f"{a.probes} probes per block, {a.depth + 1} blocks + end to end")
+    print(f"first call (compile + run): vmapped {c_ens:.2f} s, single-init {c_single:.2f} s")
+    print(f"vmapped ensemble: {t_ens / a.inits * 1e3:.2f} ms/init, {a.inits / t_ens:.1f} inits/s")
+    print(f"Python loop:      {t_loop / a.inits * 1e3:.2f} ms/init, {a.inits / t_loop:.1f} inits/s")
+    print(f"time per init, vmapped / loop: {t_ens / t_loop:.3f}")
+
+
+def _time(f):
+    t = time.perf_counter()
+    jax.block_until_ready(f())
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()

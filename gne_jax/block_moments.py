@@ -1,0 +1,199 @@
+"""Per-block Jacobian moments: which block breaks gradient norm equality.
+
+For a network f = f_L ∘ … ∘ f_1 exposed as ``BlockGroup``\\ s (``gne_jax.blocks``),
+``block_moments`` estimates, for every block j, φ(J_jJ_jᵀ), φ₂ and ϕ of the block's
+Jacobian at the activation that enters it (theory §2, Block Dynamical Isometry),
+for residual blocks h ↦ s(h) + b(h) also those of the branch b, and the moments of
+the whole network. By the serial theorem (§3) the end-to-end φ is the product of
+the blocks' φ; for an identity shortcut φ = 1 + φ(branch) (§4.3).
+
+The blocks of one group share a function and differ only in their stacked
+parameters, so their probes are vmapped (or mapped in chunks) over the group: the
+compile time does not grow with the number of blocks in a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from gne_jax._validate import check_key, check_positive_int, is_concrete
+from gne_jax.blocks import BlockGroup, compose_blocks, single_block
+from gne_jax.moments import JacobianMoments, jacobian_moments
+
+PyTree = Any
+
+
+@struct.dataclass
+class BlockMoments:
+    """Moments of every block (leading axis: block), of residual branches, and end to end.
+
+    Attributes:
+      names: block names, in order (static).
+      branch_of: for each entry of ``branch``, the index of its block in ``names`` (static).
+      blocks: ``JacobianMoments`` whose fields have a leading axis of length len(names).
+      branch: ``JacobianMoments`` of the residual branches (leading axis len(branch_of)),
+        or ``None`` when no block is residual.
+      end_to_end: ``JacobianMoments`` of the whole composition, or ``None`` if not asked.
+    """
+
+    names: tuple[str, ...] = struct.field(pytree_node=False)
+    branch_of: tuple[int, ...] = struct.field(pytree_node=False)
+    blocks: JacobianMoments
+    branch: JacobianMoments | None
+    end_to_end: JacobianMoments | None
+
+
+def _concat(results: Sequence[JacobianMoments]) -> JacobianMoments:
+    return jax.tree.map(lambda *xs: jnp.concatenate([jnp.atleast_1d(x) for x in xs]), *results)
+
+
+def _group_moments(fn_of_params, params, inputs, keys, block_chunk, probe_kw):
+    """Moments of h ↦ fn(p_i, h) at inputs[i] for every block i of a group."""
+
+    def one(args):
+        p, h, k = args
+        return jacobian_moments(lambda z: fn_of_params(p, z), h, key=k, **probe_kw)
+
+    xs = (params, inputs, keys)
+    if block_chunk is None or block_chunk >= inputs.shape[0]:
+        return jax.vmap(one)(xs)
+    return jax.lax.map(one, xs, batch_size=block_chunk)
+
+
+def groups_moments(
+    groups: Sequence[BlockGroup],
+    x: PyTree,
+    *,
+    key: jax.Array,
+    num_probes: int = 32,
+    method: str = "hutchinson",
+    dist: str = "rademacher",
+    probe_chunk: int | None = None,
+    block_chunk: int | None = None,
+    end_to_end: bool = True,
+) -> BlockMoments:
+    """``BlockMoments`` of a chain of ``BlockGroup``\\ s applied to ``x``.
+
+    Args:
+      groups: the blocks, in order (``model.blocks(...)`` or hand-built, e.g. with
+        ``chain_blocks``).
+      x: the network input (the whole batch for batch-coupled blocks).
+      key: PRNG key; every block gets its own key folded from it.
+      num_probes, method, dist, probe_chunk: as in ``jacobian_moments``.
+      block_chunk: probe this many blocks of a group at a time (``lax.map``) to bound
+        memory; ``None`` vmaps over the whole group.
+      end_to_end: also measure the whole network.
+    """
+    key = check_key(key)
+    if block_chunk is not None:
+        check_positive_int(block_chunk, "block_chunk")
+    probe_kw = dict(num_probes=num_probes, method=method, dist=dist, probe_chunk=probe_chunk)
+    k_blocks, k_branch, k_e2e = jax.random.split(key, 3)
+    names: list[str] = []
+    branch_of: list[int] = []
+    block_res, branch_res = [], []
+    for gi, g in enumerate(groups):
+        keys = jax.random.split(jax.random.fold_in(k_blocks, gi), g.size)
+        block_res.append(_group_moments(g.apply, g.params, g.inputs, keys, block_chunk, probe_kw))
+        if g.branch is not None:
+            bkeys = jax.random.split(jax.random.fold_in(k_branch, gi), g.size)
+            branch_res.append(
+                _group_moments(g.branch, g.params, g.inputs, bkeys, block_chunk, probe_kw))
+            branch_of.extend(range(len(names), len(names) + g.size))
+        names.extend(g.names)
+    e2e = None
+    if end_to_end:
+        e2e = jacobian_moments(lambda z: compose_blocks(groups, z), x, key=k_e2e, **probe_kw)
+    result = BlockMoments(
+        names=tuple(names),
+        branch_of=tuple(branch_of),
+        blocks=_concat(block_res),
+        branch=_concat(branch_res) if branch_res else None,
+        end_to_end=e2e,
+    )
+    if is_concrete(result.blocks.finite):
+        raise_if_non_finite(result.names, result.blocks.finite)
+    return result
+
+
+def raise_if_non_finite(names: Sequence[str], finite: jax.Array) -> None:
+    """A clear error naming the blocks whose moments are non-finite (``finite[j]`` False)."""
+    bad = [n for n, ok in zip(names, np.asarray(finite).tolist(), strict=True) if not ok]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite Jacobian moments in block(s) {bad}: the activation entering them or "
+            f"their output overflowed. Check the initialization scale or use float64."
+        )
+
+
+def model_blocks(model, variables, x, *, train: bool) -> list[BlockGroup]:
+    """``model.blocks(variables, x, train=train)`` with a clear error for a rejected input."""
+    if not hasattr(model, "blocks"):
+        raise TypeError(
+            f"`model` ({type(model).__name__}) does not expose blocks: it needs a "
+            f"`blocks(variables, x, *, train)` method (see gne_jax.blocks). For any other "
+            f"function, use gne_jax.chain_blocks or gne_jax.jacobian_moments."
+        )
+    try:
+        return model.blocks(variables, x, train=train)
+    except (ValueError, TypeError) as e:
+        shapes = jax.tree.map(lambda a: tuple(jnp.shape(a)), x)
+        expected = getattr(model, "expected_input_shape", None)
+        hint = f" The model expects input of shape {expected}." if expected else ""
+        raise ValueError(
+            f"{type(model).__name__} rejected the input `x` of shape {shapes}.{hint} "
+            f"Original error: {type(e).__name__}: {e}"
+        ) from e
+
+
+def block_moments(
+    model,
+    variables: PyTree,
+    x: PyTree,
+    *,
+    key: jax.Array,
+    train: bool = False,
+    **kwargs,
+) -> BlockMoments:
+    """φ, φ₂, ϕ (with SEs) of every block of ``model`` at ``variables``, and end to end.
+
+    ``train`` selects the mode explicitly: ``True`` measures batch-coupled layers with
+    batch statistics (the whole batch ``x`` is one input, theory §1.4); ``False`` with
+    running statistics. Keyword arguments go to ``groups_moments``.
+    """
+    key = check_key(key)
+    kw = tuple(sorted(kwargs.items()))
+    if not is_concrete((variables, x, key)):
+        return _measure(model, variables, x, key, train, kw)
+    # Called eagerly: one compiled program (cached for equal models and options) rather
+    # than op-by-op dispatch.
+    result = _measure_jit(model, variables, x, key, train, kw)
+    raise_if_non_finite(result.names, result.blocks.finite)
+    return result
+
+
+def _measure(model, variables, x, key, train, kw):
+    groups = model_blocks(model, variables, x, train=train)
+    return groups_moments(groups, x, key=key, **dict(kw))
+
+
+_measure_jit = jax.jit(_measure, static_argnums=(0, 4, 5))
+
+
+def chain_blocks(named_fns: Sequence[tuple[str, Callable]], x: PyTree) -> list[BlockGroup]:
+    """Groups of one block each for a chain of plain functions (any JAX model).
+
+    ``named_fns`` is ``[(name, fn), ...]`` applied in order; each fn closes over its own
+    parameters (e.g. the sub-modules of an NNX model after ``nnx.split``).
+    """
+    groups, h = [], x
+    for name, fn in named_fns:
+        groups.append(single_block(name, lambda p, z, fn=fn: fn(z), {}, h))
+        h = fn(h)
+    return groups

@@ -1,0 +1,164 @@
+"""Block moments over many random initializations at once.
+
+``ensemble_block_moments`` draws ``num_inits`` initializations with ``model.init``
+vmapped over PRNG keys and probes each (``block_moments``) inside the same
+vmapped function, so variables are never materialized for the whole ensemble at
+once when ``init_chunk`` bounds memory (``lax.map`` over chunks of inits). With
+more than one device the inits are sharded over a 1-D mesh axis ``"inits"``
+(``jax.shard_map``): every device runs its share; per-init results do not
+depend on the device count.
+
+Batch statistics are threaded explicitly: each init's ``batch_stats`` are part of
+its variables and the model is measured through pure functions of them (anchors
+§5.4); the example axis of a batch-coupled model is never vmapped.
+
+The summaries follow theory §1.1: the pooled ϕ = E[φ₂] − E[φ]² (the theory's
+definition; it includes init-to-init fluctuation of the trace) beside the mean
+per-init spectral spread E[φ₂ − φ²], and the median and quantiles of φ, which
+matter where its law across inits is heavy-tailed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gne_jax._validate import check_key, check_positive_int
+from gne_jax.block_moments import BlockMoments, block_moments, raise_if_non_finite
+
+PyTree = Any
+QUANTILES = (0.05, 0.25, 0.75, 0.95)
+
+
+def _per_init(model, x, key, train, probe_kw):
+    k_init, k_probe = jax.random.split(key)
+    variables = model.init(k_init, x, train=False)
+    return block_moments(model, variables, x, key=k_probe, train=train, **probe_kw)
+
+
+def inits_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all) with axis name ``"inits"``."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("inits",))
+
+
+def ensemble_block_moments(
+    model,
+    x: PyTree,
+    *,
+    key: jax.Array,
+    num_inits: int,
+    train: bool = False,
+    init_chunk: int | None = None,
+    mesh: Mesh | None | str = "auto",
+    **probe_kw,
+) -> BlockMoments:
+    """``BlockMoments`` of ``num_inits`` random initializations (leading axis: init).
+
+    Args:
+      model: a model with ``init(key, x, train=False)`` and ``blocks(variables, x, train)``.
+      x: the probe input (the whole batch).
+      key: init i uses ``jax.random.split(key, num_inits)[i]`` (split again into an init
+        key and a probe key), so results for an init do not depend on ``num_inits``'s
+        chunking or sharding.
+      num_inits: ensemble size.
+      train: measurement mode for batch-coupled layers (see ``block_moments``).
+      init_chunk: inits processed at once per device (``lax.map``); bounds memory.
+      mesh: ``"auto"`` shards over all devices when there is more than one; a ``Mesh``
+        with an ``"inits"`` axis to choose; ``None`` for no sharding.
+      **probe_kw: ``num_probes``, ``method``, ``dist``, ``probe_chunk``, ``block_chunk``,
+        ``end_to_end`` (see ``groups_moments``).
+    """
+    key = check_key(key)
+    num_inits = check_positive_int(num_inits, "num_inits")
+    if init_chunk is not None:
+        check_positive_int(init_chunk, "init_chunk")
+    keys = jax.random.split(key, num_inits)
+    if mesh == "auto":
+        mesh = inits_mesh() if jax.device_count() > 1 else None
+    run = _ensemble_fn(model, train, init_chunk, tuple(sorted(probe_kw.items())), mesh)
+    if mesh is None:
+        result = run(x, keys)
+    else:
+        result = _sharded(run, x, keys, mesh)
+    raise_if_non_finite(result.names, jnp.all(result.blocks.finite, axis=0))
+    return result
+
+
+@functools.lru_cache(maxsize=32)
+def _ensemble_fn(model, train, init_chunk, probe_kw, mesh):
+    """The jitted ensemble for one (model, options, mesh), cached across calls."""
+
+    def run(x, ks):
+        f = lambda k: _per_init(model, x, k, train, dict(probe_kw))
+        if init_chunk is None or init_chunk >= ks.shape[0]:
+            return jax.vmap(f)(ks)
+        return jax.lax.map(f, ks, batch_size=init_chunk)
+
+    if mesh is None:
+        return jax.jit(run)
+    if "inits" not in mesh.axis_names:
+        raise ValueError(f"`mesh` must have an axis named 'inits'; got {mesh.axis_names}.")
+    # check_vma=False: the inits are independent and there is no collective. With
+    # varying-axis checks on, transposing the linearization w.r.t. the replicated input x
+    # inserts a psum over devices (the transpose of pvary), which would sum the per-init
+    # VJPs of different devices.
+    return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P("inits")),
+                                 out_specs=P("inits"), check_vma=False))
+
+
+def _sharded(run, x, keys, mesh: Mesh):
+    """Runs ``run`` on each device's share of ``keys`` (padded to a multiple of devices)."""
+    d = mesh.shape["inits"]
+    n = keys.shape[0]
+    padded = math.ceil(n / d) * d
+    if padded != n:  # extra inits are computed and dropped: each init's result is unchanged
+        keys = jnp.concatenate([keys, jax.random.split(jax.random.key(0), padded - n)])
+    keys = jax.device_put(keys, NamedSharding(mesh, P("inits")))
+    result = run(x, keys)
+    return jax.tree.map(lambda a: a[:n], result)
+
+
+def summarize(values: jax.Array, axis: int = 0) -> dict[str, np.ndarray]:
+    """mean, std, sem, median and the ``QUANTILES`` of ``values`` along ``axis``."""
+    v = np.asarray(values, np.float64)
+    n = v.shape[axis]
+    out = {
+        "mean": v.mean(axis),
+        "std": v.std(axis, ddof=1) if n > 1 else np.zeros_like(v.mean(axis)),
+        "median": np.median(v, axis),
+    }
+    out["sem"] = out["std"] / math.sqrt(n)
+    for q in QUANTILES:
+        out[f"q{int(round(q * 100)):02d}"] = np.quantile(v, q, axis=axis)
+    return out
+
+
+def ensemble_summary(moments) -> dict[str, dict[str, np.ndarray]]:
+    """Summaries across inits (axis 0) of a ``JacobianMoments`` with a leading init axis.
+
+    Keys: ``phi``, ``phi2``, ``varphi`` (per-init spread φ₂ − φ²) each with
+    ``summarize`` statistics, and ``varphi_pooled`` = E[φ₂] − E[φ]² with its SE (delta
+    method over inits).
+    """
+    phi, phi2 = np.asarray(moments.phi, np.float64), np.asarray(moments.phi2, np.float64)
+    out = {"phi": summarize(phi), "phi2": summarize(phi2),
+           "varphi": summarize(np.asarray(moments.varphi))}
+    n = phi.shape[0]
+    m1, m2 = phi.mean(0), phi2.mean(0)
+    pooled = m2 - m1**2
+    if n > 1:
+        v1, v2 = phi.var(0, ddof=1) / n, phi2.var(0, ddof=1) / n
+        c12 = ((phi - m1) * (phi2 - m2)).sum(0) / (n - 1) / n
+        sem = np.sqrt(np.maximum(v2 + 4 * m1**2 * v1 - 4 * m1 * c12, 0.0))
+    else:
+        sem = np.zeros_like(pooled)
+    out["varphi_pooled"] = {"mean": pooled, "sem": sem}
+    return out

@@ -1,0 +1,119 @@
+"""Sweeps over model configurations: block moments of every variant, as table rows.
+
+A sweep is the Cartesian product of named axes over a base model config. Each
+axis value is either a plain value of the config key named by the axis
+(``{"depth": [8, 16, 32]}``) or a dict of overrides with an optional ``label``
+(``{"activation": [{"activation": "leaky_relu", "negative_slope": 0.3,
+"label": "leaky_relu(0.3)"}]}``), for values that need several keys.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from gne_jax.block_moments import BlockMoments
+from gne_jax.ensemble import ensemble_block_moments, ensemble_summary
+
+
+class SweepPoint(NamedTuple):
+    """One variant of a sweep: its label, overrides, full model config and result."""
+
+    label: str
+    overrides: dict
+    config: dict
+    result: BlockMoments
+
+
+def _axis_value(axis: str, value) -> tuple[str, dict]:
+    if isinstance(value, Mapping):
+        v = dict(value)
+        label = str(v.pop("label", ",".join(f"{k}={x}" for k, x in v.items())))
+        return label, v
+    return f"{value}", {axis: value}
+
+
+def sweep_variants(axes: Mapping[str, Sequence]) -> list[tuple[str, dict]]:
+    """(label, overrides) for every combination of the axes' values, in order."""
+    if not axes:
+        return [("base", {})]
+    per_axis = [[_axis_value(a, v) for v in vals] for a, vals in axes.items()]
+    out = []
+    for combo in itertools.product(*per_axis):
+        label = " / ".join(lab for lab, _ in combo)
+        overrides = {}
+        for _, o in combo:
+            overrides.update(o)
+        out.append((label, overrides))
+    return out
+
+
+def run_sweep(
+    base_config: Mapping,
+    axes: Mapping[str, Sequence],
+    x,
+    *,
+    key: jax.Array,
+    num_inits: int,
+    create_model: Callable | None = None,
+    progress: Callable[[Iterator], Iterator] | None = None,
+    **ensemble_kw,
+) -> list[SweepPoint]:
+    """Ensemble block moments of every variant of ``base_config`` over ``axes``.
+
+    Every variant uses the same ``key`` (same init and probe keys), so differences
+    between variants are not sampling noise of different seeds.
+    """
+    if create_model is None:
+        from gne_jax.models import create_model
+    variants = sweep_variants(axes)
+    models = []
+    for label, overrides in variants:  # build all first: a bad axis value fails before work
+        cfg = {**dict(base_config), **overrides}
+        models.append((label, overrides, cfg, create_model(cfg)))
+    it = progress(models) if progress else models
+    points = []
+    for label, overrides, cfg, model in it:
+        res = ensemble_block_moments(model, x, key=key, num_inits=num_inits, **ensemble_kw)
+        points.append(SweepPoint(label, overrides, cfg, res))
+    return points
+
+
+ROW_STATS = ("mean", "sem", "median", "q05", "q95")
+
+
+def result_rows(result: BlockMoments) -> list[dict[str, Any]]:
+    """One row per block, per residual branch and end to end, with statistics over inits.
+
+    Columns: ``index``, ``block``, ``kind`` (block | branch | end_to_end), ``phi_<stat>``
+    and ``varphi_<stat>`` for stat in ``ROW_STATS`` (ϕ per init, φ₂ − φ²),
+    ``varphi_pooled`` and its SE (E φ₂ − (E φ)², theory §1.1), ``phi2_mean``, ``n_inits``.
+    """
+    rows = []
+
+    def add(moments, names, kind, index):
+        s = ensemble_summary(moments)
+        n = np.asarray(moments.phi).shape[0]
+        for j, (name, idx) in enumerate(zip(names, index, strict=True)):
+            row = {"index": idx, "block": name, "kind": kind}
+            for q in ("phi", "varphi"):
+                for stat in ROW_STATS:
+                    row[f"{q}_{stat}"] = float(np.atleast_1d(s[q][stat])[j])
+            row["varphi_pooled"] = float(np.atleast_1d(s["varphi_pooled"]["mean"])[j])
+            row["varphi_pooled_sem"] = float(np.atleast_1d(s["varphi_pooled"]["sem"])[j])
+            row["phi2_mean"] = float(np.atleast_1d(s["phi2"]["mean"])[j])
+            row["n_inits"] = n
+            rows.append(row)
+
+    add(result.blocks, result.names, "block", range(len(result.names)))
+    if result.branch is not None:
+        add(result.branch, [result.names[i] for i in result.branch_of], "branch",
+            result.branch_of)
+    if result.end_to_end is not None:
+        e2e = jax.tree.map(lambda a: np.asarray(a)[:, None], result.end_to_end)
+        add(e2e, ["end_to_end"], "end_to_end", [len(result.names)])
+    return rows

@@ -1,0 +1,160 @@
+"""Per-block moments: serial and residual theorems, ensembles vs loops, sharding, any model."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gne_jax
+from gne_jax.block_moments import block_moments, chain_blocks, groups_moments
+from gne_jax.ensemble import ensemble_block_moments, ensemble_summary
+from gne_jax.models import create_model
+
+KEY = jax.random.key(0)
+
+
+def test_serial_theorem_deep_orthogonal_tanh_mlp():
+    """Composing per-block φ reproduces the end-to-end φ (theory §3) within error bars."""
+    model = create_model({"name": "mlp", "depth": 12, "width": 128, "activation": "tanh",
+                          "init": "orthogonal", "num_classes": None})
+    x = 0.5 * jax.random.normal(jax.random.key(1), (2, 128))
+    v = model.init(jax.random.key(2), x, train=False)
+    r = block_moments(model, v, x, key=KEY, num_probes=64)
+    assert r.names[0] == "input" and len(r.names) == 13
+    phi = np.asarray(r.blocks.phi, np.float64)
+    rel_se = np.asarray(r.blocks.phi_sem) / phi
+    prod = float(np.prod(phi))
+    # SE of the product: relative SEs add in quadrature; plus the end-to-end SE
+    se = np.sqrt((prod * np.sqrt(np.sum(rel_se**2))) ** 2 + float(r.end_to_end.phi_sem) ** 2)
+    # freeness holds up to O(1/width) at finite width (theory §3): allow 2% besides 4 SE
+    assert abs(prod - float(r.end_to_end.phi)) <= 4 * se + 0.02 * prod, (prod, r.end_to_end.phi)
+    # the exact per-block moments agree with the estimates
+    e = block_moments(model, v, x, key=KEY, method="exact")
+    z = np.abs(np.asarray(r.blocks.phi) - np.asarray(e.blocks.phi)) / np.maximum(
+        np.asarray(r.blocks.phi_sem), 1e-6)
+    assert np.all(z < 4.5), z
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_residual_block_phi_is_one_plus_branch(scale):
+    """x + a·W f(x): φ = 1 + φ(branch), ϕ = ϕ_b + 2φ_b (theory §4.3), exact moments."""
+    model = create_model({"name": "mlp", "depth": 3, "width": 200, "activation": "relu",
+                          "residual": "pre", "residual_scale": scale, "num_classes": None,
+                          "input_layer": False})
+    x = jax.random.normal(jax.random.key(3), (1, 200))
+    v = model.init(jax.random.key(4), x, train=False)
+    r = block_moments(model, v, x, key=KEY, method="exact", end_to_end=False)
+    res = [r.names[i] for i in r.branch_of]
+    assert res == ["layer1", "layer2", "layer3"]
+    phi_b = np.asarray(r.branch.phi)
+    phi = np.asarray(r.blocks.phi)[list(r.branch_of)]
+    # the cross term 2·Tr(J_b)/m is zero in expectation; its std for a Gaussian branch is
+    # ≈ 2√(φ_b)/m (Σ_i J_ii² ≈ φ_b): the tolerance is 4 of those
+    tol = 4 * 2 * np.sqrt(phi_b) / 200
+    np.testing.assert_allclose(phi, 1 + phi_b, atol=tol.max())
+    np.testing.assert_allclose(phi_b, scale**2 * 1.0, rtol=0.25)  # Kaiming·ReLU branch: φ≈a²
+    varphi = np.asarray(r.blocks.varphi)[list(r.branch_of)]
+    pred = np.asarray(r.branch.varphi) + 2 * phi_b
+    np.testing.assert_allclose(varphi, pred, rtol=0.1, atol=0.05 * scale**2)
+
+
+def test_ensemble_equals_python_loop_over_the_same_keys():
+    model = create_model({"name": "mlp", "depth": 3, "width": 16, "activation": "tanh",
+                          "num_classes": 4, "normalization": "batchnorm"})
+    x = jax.random.normal(jax.random.key(5), (8, 16))
+    ens = ensemble_block_moments(model, x, key=KEY, num_inits=4, train=True, num_probes=8)
+    single = jax.jit(lambda v, k: block_moments(model, v, x, key=k, train=True, num_probes=8))
+    for i, k in enumerate(jax.random.split(KEY, 4)):
+        k_init, k_probe = jax.random.split(k)
+        v = model.init(k_init, x, train=False)
+        one = single(v, k_probe)
+        np.testing.assert_allclose(ens.blocks.phi[i], one.blocks.phi, rtol=2e-5)
+        np.testing.assert_allclose(ens.blocks.varphi[i], one.blocks.varphi, rtol=2e-4,
+                                   atol=1e-6)
+        np.testing.assert_allclose(ens.end_to_end.phi[i], one.end_to_end.phi, rtol=2e-5)
+    # chunking the ensemble does not change the result
+    chunked = ensemble_block_moments(model, x, key=KEY, num_inits=4, train=True, num_probes=8,
+                                     init_chunk=3)
+    np.testing.assert_allclose(chunked.blocks.phi, ens.blocks.phi, rtol=2e-5)
+    s = ensemble_summary(ens.blocks)
+    np.testing.assert_allclose(s["phi"]["mean"], np.mean(ens.blocks.phi, 0), rtol=1e-6)
+    np.testing.assert_allclose(s["phi"]["median"], np.median(ens.blocks.phi, 0), rtol=1e-6)
+    pooled = np.mean(ens.blocks.phi2, 0) - np.mean(ens.blocks.phi, 0) ** 2
+    np.testing.assert_allclose(s["varphi_pooled"]["mean"], pooled, rtol=1e-5)
+
+
+SHARDED = textwrap.dedent("""
+    import json, jax, numpy as np
+    from gne_jax.ensemble import ensemble_block_moments
+    from gne_jax.models import create_model
+    assert jax.device_count() == 4
+    model = create_model({"name": "mlp", "depth": 2, "width": 8, "activation": "tanh",
+                          "num_classes": 4, "normalization": "batchnorm"})
+    x = jax.random.normal(jax.random.key(5), (4, 8))
+    kw = dict(key=jax.random.key(0), num_inits=6, train=True, num_probes=4)
+    sharded = ensemble_block_moments(model, x, **kw)           # 6 inits over 4 devices
+    single = ensemble_block_moments(model, x, mesh=None, **kw)
+    print(json.dumps({"sharded": np.asarray(sharded.blocks.phi).tolist(),
+                      "single": np.asarray(single.blocks.phi).tolist(),
+                      "e2e_sharded": np.asarray(sharded.end_to_end.phi).tolist(),
+                      "e2e_single": np.asarray(single.end_to_end.phi).tolist()}))
+""")
+
+
+def test_sharded_over_four_devices_equals_one_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert np.asarray(res["sharded"]).shape == (6, 4)
+    np.testing.assert_allclose(res["sharded"], res["single"], rtol=2e-5)
+    np.testing.assert_allclose(res["e2e_sharded"], res["e2e_single"], rtol=2e-5)
+
+
+def test_nnx_model_and_plain_functions():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(24, 24, rngs=rngs)
+            self.l2 = nnx.Linear(24, 24, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.tanh(self.l2(jnp.tanh(self.l1(x))))
+
+    net = Net(nnx.Rngs(0))
+    graphdef, state = nnx.split(net)
+    fn = lambda x: nnx.merge(graphdef, state)(x)  # pure function of x
+    x = jax.random.normal(jax.random.key(6), (3, 24))
+    m = gne_jax.jacobian_moments(fn, x, key=KEY, num_probes=64)
+    J = jax.jacfwd(lambda z: fn(z.reshape(3, 24)).ravel())(x.ravel())
+    ev = np.linalg.eigvalsh(np.asarray(J @ J.T, np.float64))
+    assert abs(float(m.phi) - ev.mean()) < 4 * float(m.phi_sem) + 1e-6
+    # per block through plain functions of its sub-modules
+    layers = [("l1", lambda h: jnp.tanh(nnx.merge(graphdef, state).l1(h))),
+              ("l2", lambda h: jnp.tanh(nnx.merge(graphdef, state).l2(h)))]
+    r = groups_moments(chain_blocks(layers, x), x, key=KEY, method="exact")
+    assert r.names == ("l1", "l2")
+    np.testing.assert_allclose(r.end_to_end.phi, ev.mean(), rtol=1e-4)
+    h1 = layers[0][1](x)
+    J2 = jax.jacfwd(lambda z: layers[1][1](z.reshape(3, 24)).ravel())(h1.ravel())
+    np.testing.assert_allclose(r.blocks.phi[1], float(jnp.sum(J2**2)) / J2.shape[0], rtol=1e-4)
+
+
+def test_bad_input_names_expected_shape():
+    model = create_model({"name": "serial_cnn", "depth": 8})
+    x = jnp.ones((2, 8, 8, 3))
+    v = model.init(KEY, x, train=False)
+    with pytest.raises(ValueError, match=r"rejected the input `x` of shape \(2, 8, 3\)"):
+        block_moments(model, v, jnp.ones((2, 8, 3)), key=KEY)
+    with pytest.raises(TypeError, match="does not expose blocks"):
+        block_moments(lambda z: z, v, x, key=KEY)
+    with pytest.raises(ValueError, match="num_inits"):
+        ensemble_block_moments(model, x, key=KEY, num_inits=0)

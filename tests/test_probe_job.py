@@ -1,0 +1,122 @@
+"""The probe job end to end: files, columns, no overwrite, bad config, the CLI."""
+
+import csv
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gne_jax.probe import CONFIG_KEYS, run_probe
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / "probe" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def tiny_quickstart():
+    """The quickstart config (same sweep: 2 inits × 3 activations × 2 norms) at tiny size."""
+    c = load_config("quickstart")
+    c.model.depth = 8
+    c.model.widths = (4, 4, 4)
+    c.input_shape = (2, 8, 8, 3)
+    c.num_inits = 2
+    c.num_probes = 4
+    return c
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_quickstart_at_tiny_size_writes_results_and_never_overwrites(tmp_path):
+    c = tiny_quickstart()
+    rows = run_probe(c, str(tmp_path))
+    for f in ("results.csv", "results.json", "phi_per_block.png"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    table = read_csv(tmp_path / "results.csv")
+    assert len(table) == len(rows)
+    expected_cols = {"variant", "model", "init", "activation", "negative_slope",
+                     "normalization", "index", "block", "kind", "phi_mean", "phi_sem",
+                     "phi_median", "phi_q05", "phi_q95", "varphi_mean", "varphi_sem",
+                     "varphi_median", "varphi_pooled", "varphi_pooled_sem", "phi2_mean",
+                     "n_inits"}
+    assert expected_cols <= set(table[0]), expected_cols - set(table[0])
+    variants = {r["variant"] for r in table}
+    assert len(variants) == 12
+    assert "orthogonal / leaky_relu(0.3) / batchnorm" in variants
+    e2e = [r for r in table if r["kind"] == "end_to_end"]
+    assert len(e2e) == 12
+    blocks = [r for r in table if r["kind"] == "block"]
+    # 6·1+2 = 8 weight layers: stem + 6 convs + head
+    assert len(blocks) == 12 * 8
+    phi = np.array([float(r["phi_mean"]) for r in table])
+    assert np.all(np.isfinite(phi)) and np.all(phi > 0)
+    assert all(int(r["n_inits"]) == 2 for r in table)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["config"]["num_inits"] == 2 and len(data["rows"]) == len(rows)
+    # a second run into the same workdir goes to run-2 and leaves the first files alone
+    before = (tmp_path / "results.csv").read_bytes()
+    c.sweep.activation = [{"activation": "tanh", "label": "tanh"}]
+    c.sweep.normalization = ["none"]
+    run_probe(c, str(tmp_path))
+    assert (tmp_path / "results.csv").read_bytes() == before
+    assert len(read_csv(tmp_path / "run-2" / "results.csv")) == 2 * 9
+
+
+def test_depth_sweep_plots_against_depth(tmp_path):
+    c = load_config("depth_sweep")
+    c.model.width = 8
+    c.sweep.depth = [2, 4]
+    c.input_shape = (2, 8)
+    c.num_inits = 2
+    c.num_probes = 4
+    rows = run_probe(c, str(tmp_path))
+    assert (tmp_path / "phi_vs_depth.png").exists()
+    e2e = [r for r in rows if r["kind"] == "end_to_end"]
+    assert sorted({r["depth"] for r in e2e}) == [2, 4]
+
+
+def test_bad_config_and_workdir_fail_before_work(tmp_path):
+    c = load_config("smoke")
+    with c.unlocked():
+        c.num_init = 3
+    with pytest.raises(ValueError, match="unknown key.*num_init.*Valid keys"):
+        run_probe(c, str(tmp_path / "a"))
+    c = load_config("smoke")
+    c.sweep.activation = ["swish"]
+    with pytest.raises(ValueError, match="swish"):
+        run_probe(c, str(tmp_path / "b"))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(PermissionError, match="cannot be written"):
+        run_probe(load_config("smoke"), str(not_a_dir / "sub"))
+    assert not (tmp_path / "a" / "results.csv").exists()
+    assert set(CONFIG_KEYS) == set(load_config("quickstart").keys())
+
+
+def test_command_line(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-m", "gne_jax.probe", "--config", str(ROOT / "configs/probe/smoke.py"),
+         "--workdir", str(tmp_path), "--config.num_inits=1", "--config.num_probes=2"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "worst block" in out.stdout
+    table = read_csv(tmp_path / "results.csv")
+    assert {r["n_inits"] for r in table} == {"1"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "gne_jax.probe", "--config", str(ROOT / "configs/probe/smoke.py"),
+         "--workdir", str(tmp_path / "x"), "--config.nonexistent=1"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert bad.returncode != 0 and "nonexistent" in bad.stderr
