@@ -44,6 +44,14 @@ from gne_jax.normalization import (  # noqa: F401
 from gne_jax.models import MODEL_NAMES, create_model, default_config  # noqa: F401
 
 # --- per-block moments, ensembles, sweeps (issue 4) --------------------------
+from gne_jax.block_moments import (  # noqa: F401
+    BlockMoments,
+    block_moments,
+    chain_blocks,
+    groups_moments,
+)
+from gne_jax.ensemble import ensemble_block_moments, ensemble_summary  # noqa: F401
+from gne_jax.sweep import result_rows, run_sweep  # noqa: F401
 
 # --- theory (issue 5): use `gne_jax.theory` ----------------------------------
 from gne_jax import theory  # noqa: F401,E402  (numpy/jax only; models and plots load lazily)

@@ -9,15 +9,17 @@ axis value is either a plain value of the config key named by the axis
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from gne_jax.block_moments import BlockMoments
-from gne_jax.ensemble import ensemble_block_moments, ensemble_summary
+from gne_jax.ensemble import ensemble_summary, plan_ensemble, run_plan
 
 
 class SweepPoint(NamedTuple):
@@ -60,13 +62,15 @@ def run_sweep(
     key: jax.Array,
     num_inits: int,
     create_model: Callable | None = None,
-    progress: Callable[[Iterator], Iterator] | None = None,
+    progress: Callable[[Iterable, int, str], Iterable] | None = None,
+    max_compile_threads: int = 8,
     **ensemble_kw,
 ) -> list[SweepPoint]:
     """Ensemble block moments of every variant of ``base_config`` over ``axes``.
 
     Every variant uses the same ``key`` (same init and probe keys), so differences
-    between variants are not sampling noise of different seeds.
+    between variants are not sampling noise of different seeds. ``progress(iterable,
+    total, desc)`` may wrap the compile and measure loops (e.g. with tqdm).
     """
     if create_model is None:
         from gne_jax.models import create_model
@@ -75,11 +79,21 @@ def run_sweep(
     for label, overrides in variants:  # build all first: a bad axis value fails before work
         cfg = {**dict(base_config), **overrides}
         models.append((label, overrides, cfg, create_model(cfg)))
-    it = progress(models) if progress else models
+    plans = [plan_ensemble(m, x, key=key, num_inits=num_inits, **ensemble_kw)
+             for *_, m in models]
+    # Compilation dominates small measurements and XLA compiles in C++ without the GIL:
+    # compile the variants on all cores at once, then run them one after the other.
+    workers = max(1, min(len(plans), os.cpu_count() or 1, max_compile_threads))
+    progress = progress or (lambda it, total, desc: it)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(p.compile) for p in plans]
+        for _ in progress(concurrent.futures.as_completed(futures), len(plans), "compiling"):
+            pass
+    compiled = [f.result() for f in futures]
     points = []
-    for label, overrides, cfg, model in it:
-        res = ensemble_block_moments(model, x, key=key, num_inits=num_inits, **ensemble_kw)
-        points.append(SweepPoint(label, overrides, cfg, res))
+    it = zip(models, plans, compiled, strict=True)
+    for (label, overrides, cfg, _), plan, exe in progress(it, len(plans), "measuring"):
+        points.append(SweepPoint(label, overrides, cfg, run_plan(plan, exe)))
     return points
 
 

@@ -54,7 +54,7 @@ def test_quickstart_at_tiny_size_writes_results_and_never_overwrites(tmp_path):
     assert expected_cols <= set(table[0]), expected_cols - set(table[0])
     variants = {r["variant"] for r in table}
     assert len(variants) == 12
-    assert "orthogonal / leaky_relu(0.3) / batchnorm" in variants
+    assert "leaky_relu(0.3) / orthogonal / batchnorm" in variants
     e2e = [r for r in table if r["kind"] == "end_to_end"]
     assert len(e2e) == 12
     blocks = [r for r in table if r["kind"] == "block"]

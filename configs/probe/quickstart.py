@@ -29,10 +29,10 @@ def get_config():
         {"activation": "leaky_relu", "negative_slope": 0.3, "label": "leaky_relu(0.3)"},
     ]
     c.sweep.normalization = ["none", "batchnorm"]
-    c.input_shape = (8, 16, 16, 3)
+    c.input_shape = (4, 16, 16, 3)
     c.input_scale = 1.0
     c.num_inits = 4
-    c.num_probes = 16
+    c.num_probes = 8
     c.method = "hutchinson"
     c.train = True  # batch norm with batch statistics, as at the start of training
     c.seed = 0
