@@ -161,24 +161,69 @@ def summarize(values: jax.Array, axis: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
+class PooledMoments(NamedTuple):
+    """Moments pooled over K initializations (theory §1.1: the expectation sits inside φ).
+
+    ``varphi`` = mean φ₂ − (mean φ)², which adds the init-to-init variance of the
+    trace to the mean per-init spectral variance; ``varphi_within`` is the latter alone.
+    SEs are across initializations (delta method for ϕ).
+    """
+
+    phi: jax.Array
+    phi2: jax.Array
+    varphi: jax.Array
+    phi_sem: jax.Array
+    phi2_sem: jax.Array
+    varphi_sem: jax.Array
+    varphi_within: jax.Array
+    num_inits: int
+
+
+def pool_inits(phi, phi2) -> PooledMoments:
+    """Pools per-init estimates ``phi[k]``, ``phi2[k]`` (arrays over K ≥ 2 inits).
+
+    Accepts a stacked `JacobianMoments` (e.g. from ``jax.vmap`` over keys) as
+    ``pool_inits(m.phi, m.phi2)``. Leading axis = initializations; trailing axes
+    (e.g. blocks) are pooled independently.
+    """
+    phi, phi2 = jnp.asarray(phi), jnp.asarray(phi2)
+    if phi.shape != phi2.shape or phi.ndim < 1 or phi.shape[0] < 2:
+        raise ValueError(
+            "phi and phi2 must have the same shape with a leading axis of >= 2 inits; "
+            f"got {phi.shape} and {phi2.shape}"
+        )
+    k = phi.shape[0]
+    m1, m2 = phi.mean(0), phi2.mean(0)
+    sem = lambda a: a.std(0, ddof=1) / math.sqrt(k)
+    # ϕ = m2 − m1²: linearize around the means (delta method across inits).
+    lin = phi2 - 2 * m1 * phi
+    varphi = m2 - m1**2
+    return PooledMoments(
+        phi=m1,
+        phi2=m2,
+        varphi=varphi,
+        phi_sem=sem(phi),
+        phi2_sem=sem(phi2),
+        varphi_sem=sem(lin),
+        varphi_within=(phi2 - phi**2).mean(0),
+        num_inits=int(k),
+    )
+
+
 def ensemble_summary(moments) -> dict[str, dict[str, np.ndarray]]:
     """Summaries across inits (axis 0) of a ``JacobianMoments`` with a leading init axis.
 
     Keys: ``phi``, ``phi2``, ``varphi`` (per-init spread φ₂ − φ²) each with
-    ``summarize`` statistics, and ``varphi_pooled`` = E[φ₂] − E[φ]² with its SE (delta
-    method over inits).
+    ``summarize`` statistics, and ``varphi_pooled`` = E[φ₂] − E[φ]² with its SE across
+    inits (``pool_inits``; SE 0 for a single init).
     """
+    out = {"phi": summarize(moments.phi), "phi2": summarize(moments.phi2),
+           "varphi": summarize(moments.varphi)}
     phi, phi2 = np.asarray(moments.phi, np.float64), np.asarray(moments.phi2, np.float64)
-    out = {"phi": summarize(phi), "phi2": summarize(phi2),
-           "varphi": summarize(np.asarray(moments.varphi))}
-    n = phi.shape[0]
-    m1, m2 = phi.mean(0), phi2.mean(0)
-    pooled = m2 - m1**2
-    if n > 1:
-        v1, v2 = phi.var(0, ddof=1) / n, phi2.var(0, ddof=1) / n
-        c12 = ((phi - m1) * (phi2 - m2)).sum(0) / (n - 1) / n
-        sem = np.sqrt(np.maximum(v2 + 4 * m1**2 * v1 - 4 * m1 * c12, 0.0))
+    if phi.shape[0] > 1:
+        pooled = pool_inits(phi, phi2)
+        out["varphi_pooled"] = {"mean": np.asarray(pooled.varphi),
+                                "sem": np.asarray(pooled.varphi_sem)}
     else:
-        sem = np.zeros_like(pooled)
-    out["varphi_pooled"] = {"mean": pooled, "sem": sem}
+        out["varphi_pooled"] = {"mean": phi2[0] - phi[0] ** 2, "sem": np.zeros_like(phi[0])}
     return out

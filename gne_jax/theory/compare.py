@@ -12,63 +12,14 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gne_jax.ensemble import PooledMoments, pool_inits
 from gne_jax.theory.components import Moments
 from gne_jax.theory.compose import Prediction
 
 __all__ = ["PooledMoments", "pool_inits", "ComparisonRow", "Comparison", "compare"]
-
-
-class PooledMoments(NamedTuple):
-    """Moments pooled over K initializations (theory §1.1: the expectation sits inside φ).
-
-    ``varphi`` = mean φ₂ − (mean φ)², which adds the init-to-init variance of the
-    trace to the mean per-init spectral variance; ``varphi_within`` is the latter alone.
-    SEs are across initializations (delta method for ϕ).
-    """
-
-    phi: jax.Array
-    phi2: jax.Array
-    varphi: jax.Array
-    phi_sem: jax.Array
-    phi2_sem: jax.Array
-    varphi_sem: jax.Array
-    varphi_within: jax.Array
-    num_inits: int
-
-
-def pool_inits(phi, phi2) -> PooledMoments:
-    """Pools per-init estimates ``phi[k]``, ``phi2[k]`` (arrays over K ≥ 2 inits).
-
-    Accepts a stacked `JacobianMoments` (e.g. from ``jax.vmap`` over keys) as
-    ``pool_inits(m.phi, m.phi2)``. Leading axis = initializations; trailing axes
-    (e.g. blocks) are pooled independently.
-    """
-    phi, phi2 = jnp.asarray(phi), jnp.asarray(phi2)
-    if phi.shape != phi2.shape or phi.ndim < 1 or phi.shape[0] < 2:
-        raise ValueError(
-            "phi and phi2 must have the same shape with a leading axis of >= 2 inits; "
-            f"got {phi.shape} and {phi2.shape}"
-        )
-    k = phi.shape[0]
-    m1, m2 = phi.mean(0), phi2.mean(0)
-    sem = lambda a: a.std(0, ddof=1) / math.sqrt(k)
-    # ϕ = m2 − m1²: linearize around the means (delta method across inits).
-    lin = phi2 - 2 * m1 * phi
-    varphi = m2 - m1**2
-    return PooledMoments(
-        phi=m1,
-        phi2=m2,
-        varphi=varphi,
-        phi_sem=sem(phi),
-        phi2_sem=sem(phi2),
-        varphi_sem=sem(lin),
-        varphi_within=(phi2 - phi**2).mean(0),
-        num_inits=int(k),
-    )
 
 
 class ComparisonRow(NamedTuple):
