@@ -30,6 +30,8 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--probes", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--init-chunks", type=int, nargs="*", default=[8],
+                   help="also time the ensemble mapped in chunks of this many inits")
     a = p.parse_args()
     model = create_model({"name": "mlp", "depth": a.depth, "width": a.width,
                           "activation": "tanh", "init": "orthogonal", "num_classes": None})
@@ -37,8 +39,9 @@ def main():
     key = jax.random.key(1)
     kw = dict(num_probes=a.probes)
 
-    def ensemble():
-        return ensemble_block_moments(model, x, key=key, num_inits=a.inits, mesh=None, **kw)
+    def ensemble(chunk=None):
+        return ensemble_block_moments(model, x, key=key, num_inits=a.inits, mesh=None,
+                                      init_chunk=chunk, **kw)
 
     @jax.jit
     def single(k):
@@ -66,6 +69,11 @@ def main():
     print(f"vmapped ensemble: {t_ens / a.inits * 1e3:.2f} ms/init, {a.inits / t_ens:.1f} inits/s")
     print(f"Python loop:      {t_loop / a.inits * 1e3:.2f} ms/init, {a.inits / t_loop:.1f} inits/s")
     print(f"time per init, vmapped / loop: {t_ens / t_loop:.3f}")
+    for c in a.init_chunks:
+        jax.block_until_ready(ensemble(c))
+        t_c = np.median([_time(lambda c=c: ensemble(c)) for _ in range(a.repeats)])
+        print(f"chunks of {c:>3} inits: {t_c / a.inits * 1e3:.2f} ms/init, "
+              f"{a.inits / t_c:.1f} inits/s, / loop: {t_c / t_loop:.3f}")
 
 
 def _time(f):

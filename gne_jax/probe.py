@@ -198,6 +198,10 @@ def main(argv):
     del argv
     from absl import flags
 
+    # The job is compile-bound (one XLA program per variant): keep compiled programs on
+    # disk so that re-running a config, or a sweep that shares variants, skips compiling.
+    cache = os.environ.get("GNE_JAX_CACHE_DIR", os.path.expanduser("~/.cache/gne_jax/xla"))
+    jax.config.update("jax_compilation_cache_dir", cache)
     run_probe(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -106,7 +106,7 @@ def test_bad_config_and_workdir_fail_before_work(tmp_path):
 
 
 def test_command_line(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GNE_JAX_CACHE_DIR": str(tmp_path / "cache")}
     out = subprocess.run(
         [sys.executable, "-m", "gne_jax.probe", "--config", str(ROOT / "configs/probe/smoke.py"),
          "--workdir", str(tmp_path), "--config.num_inits=1", "--config.num_probes=2"],
