@@ -27,19 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from matfree import decomp
+from timing import median_time
 
 from gne_jax.curvature import hessian_eigenpairs, hessian_matvec, hessian_trace
 from gne_jax.lanczos import lanczos_tridiag, ritz
-
-
-def timeit(f, *args, repeats=5):
-    jax.block_until_ready(f(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def compile_time(f, *args):
@@ -106,14 +97,14 @@ def main():
     probes = jax.vmap(lambda k: unravel(jax.random.rademacher(k, (n,), jnp.float32)))(
         jax.random.split(kv, N))
     raw_n = jax.jit(lambda p, V: jax.vmap(lambda v: raw_hvp(p, v))(V))
-    t_raw_n = timeit(raw_n, params, probes, repeats=args.repeats)
+    t_raw_n = median_time(raw_n, params, probes, repeats=args.repeats)
 
     trace_fn = jax.jit(lambda p, k: hessian_trace(loss, p, k, num_matvecs=N).value)
-    t_trace = timeit(trace_fn, params, kt, repeats=args.repeats)
+    t_trace = median_time(trace_fn, params, kt, repeats=args.repeats)
     # The part of the trace cost that is not HVPs: drawing N Rademacher probes.
     draw = jax.jit(lambda k: jax.vmap(lambda k_: jax.random.rademacher(k_, (n,), jnp.float32))(
         jax.random.split(k, N)))
-    t_draw = timeit(draw, kt, repeats=args.repeats)
+    t_draw = median_time(draw, kt, repeats=args.repeats)
 
     def raw_seq(p, v0):  # S dependent HVPs: the sequential floor of Lanczos
         def body(_, v):
@@ -122,9 +113,9 @@ def main():
         return jax.lax.fori_loop(0, S, body, v0)
 
     v0 = jax.tree.map(lambda a: a[0], probes)
-    t_raw_s = timeit(jax.jit(raw_seq), params, v0, repeats=args.repeats)
+    t_raw_s = median_time(jax.jit(raw_seq), params, v0, repeats=args.repeats)
     eig_fn = jax.jit(lambda p, k: hessian_eigenpairs(loss, p, k, num_eigs=5, num_steps=S).values)
-    t_eig = timeit(eig_fn, params, ke, repeats=args.repeats)
+    t_eig = median_time(eig_fn, params, ke, repeats=args.repeats)
 
     def ours(p, v):
         hvp = hessian_matvec(loss, p)
@@ -138,8 +129,8 @@ def main():
         return jnp.linalg.eigvalsh(res.J_small)[-5:]
 
     vflat = ravel_pytree(v0)[0]
-    t_ours = timeit(jax.jit(ours), params, vflat, repeats=args.repeats)
-    t_theirs = timeit(jax.jit(theirs), params, vflat, repeats=args.repeats)
+    t_ours = median_time(jax.jit(ours), params, vflat, repeats=args.repeats)
+    t_theirs = median_time(jax.jit(theirs), params, vflat, repeats=args.repeats)
     top_ours = np.asarray(jax.jit(ours)(params, vflat))
     top_theirs = np.asarray(jax.jit(theirs)(params, vflat))
 

@@ -16,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+from timing import elapsed
 
 from gne_jax.block_moments import block_moments
 from gne_jax.ensemble import ensemble_block_moments
@@ -59,8 +60,8 @@ def main():
     t = time.perf_counter()
     jax.block_until_ready(single(keys[0]))
     c_single = time.perf_counter() - t
-    t_ens = np.median([_time(ensemble) for _ in range(a.repeats)])
-    t_loop = np.median([_time(loop) for _ in range(a.repeats)])
+    t_ens = np.median([elapsed(ensemble) for _ in range(a.repeats)])
+    t_loop = np.median([elapsed(loop) for _ in range(a.repeats)])
     print(f"# device: {jax.devices()[0].device_kind} ({platform.machine()}), "
           f"{jax.device_count()} device(s), jax {jax.__version__}")
     print(f"# MLP width {a.width}, depth {a.depth}, batch {a.batch}, {a.inits} inits, "
@@ -71,15 +72,9 @@ def main():
     print(f"time per init, vmapped / loop: {t_ens / t_loop:.3f}")
     for c in a.init_chunks:
         jax.block_until_ready(ensemble(c))
-        t_c = np.median([_time(lambda c=c: ensemble(c)) for _ in range(a.repeats)])
+        t_c = np.median([elapsed(lambda c=c: ensemble(c)) for _ in range(a.repeats)])
         print(f"chunks of {c:>3} inits: {t_c / a.inits * 1e3:.2f} ms/init, "
               f"{a.inits / t_c:.1f} inits/s, / loop: {t_c / t_loop:.3f}")
-
-
-def _time(f):
-    t = time.perf_counter()
-    jax.block_until_ready(f())
-    return time.perf_counter() - t
 
 
 if __name__ == "__main__":

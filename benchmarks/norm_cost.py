@@ -21,11 +21,11 @@ import argparse
 import os
 import platform
 import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from timing import elapsed
 
 from gne_jax.normalization import SecondMomentNorm
 
@@ -53,12 +53,6 @@ def make_step(layer: nn.Module, x: jax.Array):
     return jax.jit(step), variables
 
 
-def _time(fn, *args) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
-
-
 def bench_shape(shape, layers: dict, repeats: int, warmup: int, dtype) -> dict[str, float]:
     kx, kg = jax.random.split(jax.random.key(1))
     x = (jax.random.normal(kx, shape, dtype) + 0.1).astype(dtype)
@@ -70,7 +64,7 @@ def bench_shape(shape, layers: dict, repeats: int, warmup: int, dtype) -> dict[s
     times: dict[str, list[float]] = {name: [] for name in layers}
     for _ in range(repeats):  # interleaved so that load drifts hit every layer alike
         for name, (fn, v) in steps.items():
-            times[name].append(_time(fn, v, x, g))
+            times[name].append(elapsed(fn, v, x, g))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

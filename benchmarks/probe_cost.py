@@ -14,23 +14,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_time
 
 from gne_jax import jacobian_moments
-
-
-def timeit(f, *args, repeats=5):
-    jax.block_until_ready(f(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def make_mlp(width, depth, key):
@@ -74,8 +64,9 @@ def main():
             return jax.vmap(one)(V)
 
         exact = jax.jit(lambda x, fn=fn: jacobian_moments(fn, x, method="exact"))
-        t_probe, t_raw, t_exact = timeit(probe, x, key), timeit(raw, x, V), timeit(exact, x,
-                                                                                   repeats=2)
+        t_probe = median_time(probe, x, key)
+        t_raw = median_time(raw, x, V)
+        t_exact = median_time(exact, x, repeats=2)
         est, ex = probe(x, key), exact(x)
         rel_phi = abs(float(est.phi) - float(ex.phi)) / float(ex.phi)
         rel_var = abs(float(est.varphi) - float(ex.varphi)) / float(ex.varphi)
