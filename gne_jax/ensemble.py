@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gne_jax._validate import check_key, check_positive_int
+from gne_jax._validate import check_key, check_positive_int, is_concrete
 from gne_jax.block_moments import BlockMoments, block_moments, raise_if_non_finite
 
 PyTree = Any
@@ -120,7 +120,8 @@ def run_plan(plan: EnsemblePlan, compiled=None) -> BlockMoments:
     """Runs a plan (with its ahead-of-time ``compiled`` executable if given)."""
     result = (compiled or plan.run)(plan.x, plan.keys)
     result = jax.tree.map(lambda a: a[: plan.num_inits], result)
-    raise_if_non_finite(result.names, jnp.all(result.blocks.finite, axis=0))
+    if is_concrete(result.blocks.finite):  # under an outer jit, `finite` says it instead
+        raise_if_non_finite(result.names, jnp.all(result.blocks.finite, axis=0))
     return result
 
 

@@ -158,3 +158,14 @@ def test_bad_input_names_expected_shape():
         block_moments(lambda z: z, v, x, key=KEY)
     with pytest.raises(ValueError, match="num_inits"):
         ensemble_block_moments(model, x, key=KEY, num_inits=0)
+
+
+def test_ensemble_under_outer_jit_and_non_finite_input():
+    model = create_model({"name": "mlp", "depth": 2, "width": 8, "num_classes": None})
+    x = jnp.ones((2, 8))
+    f = jax.jit(lambda k: ensemble_block_moments(model, x, key=k, num_inits=2, num_probes=2))
+    r = f(KEY)
+    eager = ensemble_block_moments(model, x, key=KEY, num_inits=2, num_probes=2)
+    np.testing.assert_allclose(r.blocks.phi, eager.blocks.phi, rtol=1e-6)
+    with pytest.raises(FloatingPointError, match="non-finite Jacobian moments in block"):
+        ensemble_block_moments(model, x * jnp.nan, key=KEY, num_inits=2, num_probes=2)
