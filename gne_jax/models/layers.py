@@ -60,6 +60,18 @@ class ConvNormAct(nn.Module):
         return h
 
 
+
+def conv_layer_factory(model, features: int, strides: int = 1, kernel_size: int = 3):
+    """``make(train, **kw)`` building a ``ConvNormAct`` with ``model``'s activation,
+    normalization and init (the stage factory of the plain conv nets)."""
+
+    def make(train, **kw):
+        return ConvNormAct(features, kernel_size, model.act_spec, model.norm_spec,
+                           model.init_name, model.gain, strides=strides, train=train, **kw)
+
+    return make
+
+
 class Head(nn.Module):
     """``h ↦ dense(mean_{H,W}(act(norm(h))) [+ b])``: the classifier of the conv nets.
 

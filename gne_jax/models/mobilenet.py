@@ -14,7 +14,7 @@ width and stride 1 (``layer7 … layer11``, 512 → 512) form one scanned group.
 from __future__ import annotations
 
 from gne_jax.models import common as C
-from gne_jax.models.layers import ConvNormAct, Head
+from gne_jax.models.layers import Head, conv_layer_factory
 
 DEFAULTS = {
     "stem_width": 32,
@@ -51,20 +51,7 @@ class ConvMobileNet(C.BlockModel):
         C.check_input(x, 4, "ConvMobileNet (NHWC images)")
 
     def _layer(self, features, strides):
-        def make(train, **kw):
-            return ConvNormAct(
-                features,
-                3,
-                self.act_spec,
-                self.norm_spec,
-                self.init_name,
-                self.gain,
-                strides=strides,
-                train=train,
-                **kw,
-            )
-
-        return make
+        return conv_layer_factory(self, features, strides)
 
     def layout(self):
         stages = [C.Stage("stem", ("stem",), self._layer(self.stem_width, 2))]

@@ -14,7 +14,7 @@ for s = 2, 3; ``head``.
 from __future__ import annotations
 
 from gne_jax.models import common as C
-from gne_jax.models.layers import ConvNormAct, Head
+from gne_jax.models.layers import Head, conv_layer_factory
 
 DEFAULTS = {
     "depth": 32,
@@ -48,20 +48,7 @@ class SerialCNN(C.BlockModel):
         C.check_input(x, 4, "SerialCNN (NHWC images)")
 
     def _layer(self, features, strides=1):
-        def make(train, **kw):
-            return ConvNormAct(
-                features,
-                3,
-                self.act_spec,
-                self.norm_spec,
-                self.init_name,
-                self.gain,
-                strides=strides,
-                train=train,
-                **kw,
-            )
-
-        return make
+        return conv_layer_factory(self, features, strides)
 
     def layout(self):
         n = (self.depth - 2) // 6
