@@ -1,12 +1,14 @@
 """Block moments over many random initializations at once.
 
 ``ensemble_block_moments`` draws ``num_inits`` initializations with ``model.init``
-vmapped over PRNG keys and probes each (``block_moments``) inside the same
-vmapped function, so variables are never materialized for the whole ensemble at
-once when ``init_chunk`` bounds memory (``lax.map`` over chunks of inits). With
-more than one device the inits are sharded over a 1-D mesh axis ``"inits"``
-(``jax.shard_map``): every device runs its share; per-init results do not
-depend on the device count.
+vmapped over PRNG keys and probes each (``block_moments``) vmapped over the
+resulting variables. Init and measurement are two jitted programs run per chunk
+of ``init_chunk`` inits, so only one chunk's variables are held at a time, and
+the measurement program does not depend on how the variables were drawn: a
+sweep over initializers compiles it once (``gne_jax.sweep.compile_plans``).
+With more than one device the inits are sharded over a 1-D mesh axis
+``"inits"`` (``jax.shard_map``): every device runs its share; per-init results
+do not depend on the device count or the chunking.
 
 Batch statistics are threaded explicitly: each init's ``batch_stats`` are part of
 its variables and the model is measured through pure functions of them (anchors
@@ -31,16 +33,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gne_jax._validate import check_key, check_positive_int, is_concrete
-from gne_jax.block_moments import BlockMoments, block_moments, raise_if_non_finite
+from gne_jax.block_moments import (
+    BlockMoments,
+    block_moments,
+    probe_compiler_options,
+    raise_if_non_finite,
+)
 
 PyTree = Any
 QUANTILES = (0.05, 0.25, 0.75, 0.95)
-
-
-def _per_init(model, x, key, train, probe_kw):
-    k_init, k_probe = jax.random.split(key)
-    variables = model.init(k_init, x, train=False)
-    return block_moments(model, variables, x, key=k_probe, train=train, **probe_kw)
 
 
 def inits_mesh(devices=None) -> Mesh:
@@ -50,16 +51,35 @@ def inits_mesh(devices=None) -> Mesh:
 
 
 class EnsemblePlan(NamedTuple):
-    """A prepared ensemble measurement: ``run(x, keys)`` (jitted) and its arguments."""
+    """A prepared ensemble measurement: two jitted programs and their chunked arguments.
 
-    run: Any
+    ``init(x, keys[c]) -> variables[c]`` and ``measure(variables[c], x, keys[c]) ->
+    BlockMoments[c]`` run once per chunk of ``c`` inits. The measurement does not depend
+    on how the variables were drawn, so variants of a sweep that differ only in their
+    initializer lower to the same ``measure`` program and compile it once.
+    """
+
+    init: Any
+    measure: Any
     x: PyTree
-    keys: jax.Array
+    init_keys: tuple[jax.Array, ...]
+    probe_keys: tuple[jax.Array, ...]
     num_inits: int
+    variables_sharding: Any = None
+
+    def lower(self):
+        """``(init, measure)`` lowered for ahead-of-time compilation (one chunk's shapes)."""
+        lowered_init = self.init.lower(self.x, self.init_keys[0])
+        shapes = jax.eval_shape(self.init, self.x, self.init_keys[0])
+        if self.variables_sharding is not None:
+            shapes = jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.variables_sharding),
+                shapes)
+        return lowered_init, self.measure.lower(shapes, self.x, self.probe_keys[0])
 
     def compile(self):
-        """Ahead-of-time compilation (thread-safe: sweeps compile variants in parallel)."""
-        return self.run.lower(self.x, self.keys).compile()
+        """``(init, measure)`` compiled ahead of time (thread-safe)."""
+        return tuple(lowered.compile() for lowered in self.lower())
 
 
 def ensemble_block_moments(
@@ -83,8 +103,9 @@ def ensemble_block_moments(
         chunking or sharding.
       num_inits: ensemble size.
       train: measurement mode for batch-coupled layers (see ``block_moments``).
-      init_chunk: inits processed at once per device (``lax.map``); bounds memory. For
-        conv nets on CPU, 1 compiles several times faster than vmapping kernels.
+      init_chunk: inits drawn and probed at once per device (vmapped); the chunks run one
+        after the other, so only one chunk's variables are held at a time. For conv nets
+        on CPU, 1 compiles several times faster than vmapping kernels.
       mesh: ``"auto"`` shards over all devices when there is more than one; a ``Mesh``
         with an ``"inits"`` axis to choose; ``None`` for no sharding.
       **probe_kw: ``num_probes``, ``method``, ``dist``, ``probe_chunk``, ``block_chunk``,
@@ -102,49 +123,85 @@ def plan_ensemble(model, x, *, key, num_inits, train=False, init_chunk=None, mes
     num_inits = check_positive_int(num_inits, "num_inits")
     if init_chunk is not None:
         check_positive_int(init_chunk, "init_chunk")
-    keys = jax.random.split(key, num_inits)
     if mesh == "auto":
         mesh = inits_mesh() if jax.device_count() > 1 else None
-    run = _ensemble_fn(model, train, init_chunk, tuple(sorted(probe_kw.items())), mesh)
-    if mesh is not None:
-        d = mesh.shape["inits"]
-        padded = math.ceil(num_inits / d) * d
-        if padded != num_inits:  # extra inits are computed and dropped
-            keys = jnp.concatenate([keys, jax.random.split(jax.random.key(0),
-                                                           padded - num_inits)])
-        keys = jax.device_put(keys, NamedSharding(mesh, P("inits")))
-    return EnsemblePlan(run, x, keys, num_inits)
+    if mesh is not None and "inits" not in mesh.axis_names:
+        raise ValueError(f"`mesh` must have an axis named 'inits'; got {mesh.axis_names}.")
+    devices = 1 if mesh is None else mesh.shape["inits"]
+    per_device = init_chunk or math.ceil(num_inits / devices)
+    chunk = min(per_device, math.ceil(num_inits / devices)) * devices
+    keys = jax.random.split(key, num_inits)
+    padded = math.ceil(num_inits / chunk) * chunk
+    if padded != num_inits:  # a last partial chunk is filled with repeats, later dropped
+        keys = keys[np.arange(padded) % num_inits]
+    init_keys, probe_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    sharding = None if mesh is None else NamedSharding(mesh, P("inits"))
+    place = (lambda a: a) if sharding is None else (lambda a: jax.device_put(a, sharding))
+    split = lambda ks: tuple(place(ks[i: i + chunk]) for i in range(0, padded, chunk))
+    platform = (jax.devices() if mesh is None else mesh.devices.flat)[0].platform
+    init, measure = _ensemble_fns(model, train, tuple(sorted(probe_kw.items())), mesh,
+                                  platform)
+    return EnsemblePlan(init, measure, x, split(init_keys), split(probe_keys), num_inits,
+                        sharding)
 
 
 def run_plan(plan: EnsemblePlan, compiled=None) -> BlockMoments:
-    """Runs a plan (with its ahead-of-time ``compiled`` executable if given)."""
-    result = (compiled or plan.run)(plan.x, plan.keys)
+    """Runs a plan, with its ahead-of-time ``compiled`` ``(init, measure)`` if given."""
+    init, measure = compiled or (plan.init, plan.measure)
+    if compiled is None and not is_concrete((plan.x, plan.init_keys)):
+        # under an outer jit: the programs are inlined, and a nested jit may not carry
+        # compiler options
+        init, measure = plan.init.__wrapped__, plan.measure.__wrapped__
+    chunks = [measure(init(plan.x, ki), plan.x, kp)
+              for ki, kp in zip(plan.init_keys, plan.probe_keys, strict=True)]
+    result = chunks[0] if len(chunks) == 1 else jax.tree.map(
+        lambda *a: jnp.concatenate(a), *chunks)
     result = jax.tree.map(lambda a: a[: plan.num_inits], result)
     if is_concrete(result.blocks.finite):  # under an outer jit, `finite` says it instead
         raise_if_non_finite(result.names, jnp.all(result.blocks.finite, axis=0))
     return result
 
 
-@functools.lru_cache(maxsize=32)
-def _ensemble_fn(model, train, init_chunk, probe_kw, mesh):
-    """The jitted ensemble for one (model, options, mesh), cached across calls."""
+def _over_inits(f):
+    """``f`` mapped over the leading (init) axis of its batched arguments.
 
-    def run(x, ks):
-        f = lambda k: _per_init(model, x, k, train, dict(probe_kw))
-        if init_chunk is None or init_chunk >= ks.shape[0]:
-            return jax.vmap(f)(ks)
-        return jax.lax.map(f, ks, batch_size=init_chunk)
+    One init per call is applied directly rather than vmapped over an axis of 1: vmapped
+    conv kernels become grouped convolutions, which XLA:CPU compiles several times slower.
+    """
 
+    def mapped(*args):
+        if jax.tree.leaves(args[-1])[0].shape[0] == 1:
+            out = f(*jax.tree.map(lambda a: a[0], args))
+            return jax.tree.map(lambda a: a[None], out)
+        return jax.vmap(f)(*args)
+
+    return mapped
+
+
+@functools.lru_cache(maxsize=64)
+def _ensemble_fns(model, train, probe_kw, mesh, platform):
+    """The jitted ``(init, measure)`` for one (model, options, mesh), cached across calls."""
+    probe_kw = dict(probe_kw)
+
+    def batched_init(x, keys):
+        return _over_inits(lambda k: model.init(k, x, train=False))(keys)
+
+    def batched_measure(variables, x, keys):
+        return _over_inits(lambda v, k: block_moments(model, v, x, key=k, train=train,
+                                                      **probe_kw))(variables, keys)
+
+    opts = probe_compiler_options(platform)
     if mesh is None:
-        return jax.jit(run)
-    if "inits" not in mesh.axis_names:
-        raise ValueError(f"`mesh` must have an axis named 'inits'; got {mesh.axis_names}.")
+        return (jax.jit(batched_init, compiler_options=opts),
+                jax.jit(batched_measure, compiler_options=opts))
     # check_vma=False: the inits are independent and there is no collective. With
     # varying-axis checks on, transposing the linearization w.r.t. the replicated input x
     # inserts a psum over devices (the transpose of pvary), which would sum the per-init
     # VJPs of different devices.
-    return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P("inits")),
-                                 out_specs=P("inits"), check_vma=False))
+    shard = functools.partial(jax.shard_map, mesh=mesh, out_specs=P("inits"), check_vma=False)
+    return (jax.jit(shard(batched_init, in_specs=(P(), P("inits"))), compiler_options=opts),
+            jax.jit(shard(batched_measure, in_specs=(P("inits"), P(), P("inits"))),
+                    compiler_options=opts))
 
 
 def summarize(values: jax.Array, axis: int = 0) -> dict[str, np.ndarray]:

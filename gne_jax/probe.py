@@ -103,7 +103,8 @@ def run_probe(config: ml_collections.ConfigDict | Mapping, workdir: str) -> list
     try:
         from tqdm.auto import tqdm
 
-        progress = lambda it, total, desc: tqdm(it, total=total, desc=desc, unit="variant")
+        progress = lambda it, total, desc: tqdm(  # noqa: E731
+            it, total=total, desc=desc, unit="program" if desc == "compiling" else "variant")
     except ImportError:  # pragma: no cover
         progress = None
     points = run_sweep(

@@ -10,6 +10,7 @@ axis value is either a plain value of the config key named by the axis
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import itertools
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 
 from gne_jax.block_moments import BlockMoments
-from gne_jax.ensemble import ensemble_summary, plan_ensemble, run_plan
+from gne_jax.ensemble import EnsemblePlan, ensemble_summary, plan_ensemble, run_plan
 
 
 class SweepPoint(NamedTuple):
@@ -81,20 +82,46 @@ def run_sweep(
         models.append((label, overrides, cfg, create_model(cfg)))
     plans = [plan_ensemble(m, x, key=key, num_inits=num_inits, **ensemble_kw)
              for *_, m in models]
-    # Compilation dominates small measurements and XLA compiles in C++ without the GIL:
-    # compile the variants on all cores at once, then run them one after the other.
-    workers = max(1, min(len(plans), os.cpu_count() or 1, max_compile_threads))
-    progress = progress or (lambda it, total, desc: it)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(p.compile) for p in plans]
-        for _ in progress(concurrent.futures.as_completed(futures), len(plans), "compiling"):
-            pass
-    compiled = [f.result() for f in futures]
+    compiled = compile_plans(plans, progress=progress, max_threads=max_compile_threads)
     points = []
+    progress = progress or (lambda it, total, desc: it)
     it = zip(models, plans, compiled, strict=True)
     for (label, overrides, cfg, _), plan, exe in progress(it, len(plans), "measuring"):
         points.append(SweepPoint(label, overrides, cfg, run_plan(plan, exe)))
     return points
+
+
+def compile_plans(
+    plans: Sequence[EnsemblePlan],
+    *,
+    progress: Callable[[Iterable, int, str], Iterable] | None = None,
+    max_threads: int = 8,
+) -> list[tuple[Any, Any]]:
+    """Ahead-of-time ``(init, measure)`` executables of every plan, each distinct program once.
+
+    Variants that differ only in their initializer lower to the same measurement
+    program (and any two variants may lower to the same init program): programs are
+    keyed by their StableHLO text and compiled once. Lowering runs in Python, one plan
+    after the other; XLA compiles in C++ without the GIL, so earlier programs compile on
+    the other cores while later ones are lowered.
+    """
+    progress = progress or (lambda it, total, desc: it)
+    workers = max(1, min(2 * len(plans), os.cpu_count() or 1, max_threads))
+    by_text: dict[str, concurrent.futures.Future] = {}
+    per_plan = []
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for plan in progress(plans, len(plans), "tracing"):
+            futures = []
+            for lowered in plan.lower():
+                digest = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+                if digest not in by_text:
+                    by_text[digest] = pool.submit(lowered.compile)
+                futures.append(by_text[digest])
+            per_plan.append(futures)
+        done = concurrent.futures.as_completed(by_text.values())
+        for _ in progress(done, len(by_text), "compiling"):
+            pass
+    return [tuple(f.result() for f in futures) for futures in per_plan]
 
 
 ROW_STATS = ("mean", "sem", "median", "q05", "q95")

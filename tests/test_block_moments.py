@@ -14,7 +14,8 @@ from flax import nnx
 
 import gne_jax
 from gne_jax.block_moments import block_moments, chain_blocks, groups_moments
-from gne_jax.ensemble import ensemble_block_moments, ensemble_summary
+from gne_jax.ensemble import ensemble_block_moments, ensemble_summary, plan_ensemble
+from gne_jax.sweep import compile_plans, run_sweep
 from gne_jax.models import create_model
 
 KEY = jax.random.key(0)
@@ -88,6 +89,26 @@ def test_ensemble_equals_python_loop_over_the_same_keys():
     np.testing.assert_allclose(s["phi"]["median"], np.median(ens.blocks.phi, 0), rtol=1e-6)
     pooled = np.mean(ens.blocks.phi2, 0) - np.mean(ens.blocks.phi, 0) ** 2
     np.testing.assert_allclose(s["varphi_pooled"]["mean"], pooled, rtol=1e-5)
+
+
+def test_sweep_over_initializers_compiles_the_measurement_once():
+    base = {"name": "mlp", "depth": 3, "width": 16, "activation": "tanh", "num_classes": 4,
+            "normalization": "batchnorm"}
+    x = jax.random.normal(jax.random.key(5), (8, 16))
+    inits = ["orthogonal", "kaiming_normal"]
+    models = [create_model({**base, "init": i}) for i in inits]
+    kw = dict(key=KEY, num_inits=3, train=True, num_probes=8)
+    plans = [plan_ensemble(m, x, **kw) for m in models]
+    (init_a, measure_a), (init_b, measure_b) = compile_plans(plans)
+    assert measure_a is measure_b  # one executable: the measurement ignores the initializer
+    assert init_a is not init_b
+    points = run_sweep(base, {"init": inits}, x, **kw)
+    for m, p in zip(models, points, strict=True):
+        alone = ensemble_block_moments(m, x, **kw)
+        np.testing.assert_allclose(p.result.blocks.phi, alone.blocks.phi, rtol=1e-6)
+        np.testing.assert_allclose(p.result.end_to_end.phi, alone.end_to_end.phi, rtol=1e-6)
+    # different initializers do give different moments
+    assert not np.allclose(points[0].result.blocks.phi, points[1].result.blocks.phi)
 
 
 SHARDED = textwrap.dedent("""
