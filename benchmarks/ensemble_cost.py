@@ -1,9 +1,9 @@
 """Cost of block moments over an ensemble of initializations, measured in one run.
 
-Prints the time per initialization of ``ensemble_block_moments`` (inits vmapped, one
-compiled program) over a Python loop of single-init calls (one jitted init + probe
-function, compiled once, called per key), and inits per second for both. Compile time
-is excluded from both (each is warmed up first) and reported separately.
+Prints the time per initialization of ``ensemble_block_moments`` (inits vmapped) over
+a Python loop of single-init calls (one jitted init + probe function, compiled once,
+called per key), and inits per second for both. Compile time is excluded from both
+(each is warmed up first) and reported separately.
 
     python benchmarks/ensemble_cost.py [--inits 64 --width 256 --depth 32 --probes 16]
 """
@@ -11,6 +11,7 @@ is excluded from both (each is warmed up first) and reported separately.
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import time
 
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 from timing import elapsed
 
-from gne_jax.block_moments import block_moments
+from gne_jax.block_moments import block_moments, probe_compiler_options
 from gne_jax.ensemble import ensemble_block_moments
 from gne_jax.models import create_model
 
@@ -44,7 +45,8 @@ def main():
         return ensemble_block_moments(model, x, key=key, num_inits=a.inits, mesh=None,
                                       init_chunk=chunk, **kw)
 
-    @jax.jit
+    # the same XLA options as the ensemble's programs (LLVM -O1 on CPU)
+    @functools.partial(jax.jit, compiler_options=probe_compiler_options())
     def single(k):
         k_init, k_probe = jax.random.split(k)
         return block_moments(model, model.init(k_init, x, train=False), x, key=k_probe, **kw)

@@ -50,8 +50,14 @@ from gne_jax.block_moments import (  # noqa: F401
     chain_blocks,
     groups_moments,
 )
-from gne_jax.ensemble import ensemble_block_moments, ensemble_summary  # noqa: F401
-from gne_jax.sweep import result_rows, run_sweep  # noqa: F401
+from gne_jax.ensemble import (  # noqa: F401
+    EnsemblePlan,
+    ensemble_block_moments,
+    ensemble_summary,
+    plan_ensemble,
+    run_plan,
+)
+from gne_jax.sweep import compile_plans, result_rows, run_sweep  # noqa: F401
 
 # --- theory (issue 5): use `gne_jax.theory` ----------------------------------
 from gne_jax import theory  # noqa: F401,E402  (numpy/jax only; models and plots load lazily)

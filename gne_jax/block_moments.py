@@ -195,8 +195,9 @@ def probe_compiler_options(platform: str | None = None) -> dict[str, Any] | None
 
     Probe programs of small conv nets are compile-bound on CPU. Their heavy ops (convs,
     matmuls) are library calls that LLVM's optimization level does not touch, so ``-O1``
-    compiles the 32-layer CNN's measurement 25% faster (6.4 s → 5.0 s) and its init 30%
-    faster, and runs no slower (``benchmarks/RESULTS.md``).
+    compiles the 32-layer CNN's measurement 1.3–1.5× and its init 2.4–3× faster; run
+    time moved between 14% faster (CNN) and 5–12% slower (MLP, width 256)
+    (``benchmarks/probe_job_cost.py``).
     """
     platform = platform or jax.default_backend()
     return {"xla_backend_optimization_level": 1} if platform == "cpu" else None

@@ -91,6 +91,7 @@ def ensemble_block_moments(
     train: bool = False,
     init_chunk: int | None = None,
     mesh: Mesh | None | str = "auto",
+    compiler_options: dict | None | str = "auto",
     **probe_kw,
 ) -> BlockMoments:
     """``BlockMoments`` of ``num_inits`` random initializations (leading axis: init).
@@ -108,16 +109,21 @@ def ensemble_block_moments(
         on CPU, 1 compiles several times faster than vmapping kernels.
       mesh: ``"auto"`` shards over all devices when there is more than one; a ``Mesh``
         with an ``"inits"`` axis to choose; ``None`` for no sharding.
+      compiler_options: XLA options of the two programs. ``"auto"``: LLVM ``-O1`` on CPU
+        (``probe_compiler_options``), which compiles 1.5–2.5× faster and runs between 14%
+        faster and 12% slower (``benchmarks/RESULTS.md``): right for compile-bound sweeps;
+        ``None`` for XLA's defaults, e.g. for a long run-bound ensemble.
       **probe_kw: ``num_probes``, ``method``, ``dist``, ``probe_chunk``, ``block_chunk``,
         ``end_to_end`` (see ``groups_moments``).
     """
     plan = plan_ensemble(model, x, key=key, num_inits=num_inits, train=train,
-                         init_chunk=init_chunk, mesh=mesh, **probe_kw)
+                         init_chunk=init_chunk, mesh=mesh, compiler_options=compiler_options,
+                         **probe_kw)
     return run_plan(plan)
 
 
 def plan_ensemble(model, x, *, key, num_inits, train=False, init_chunk=None, mesh="auto",
-                  **probe_kw) -> EnsemblePlan:
+                  compiler_options="auto", **probe_kw) -> EnsemblePlan:
     """Checks the arguments and prepares (without running) ``ensemble_block_moments``."""
     key = check_key(key)
     num_inits = check_positive_int(num_inits, "num_inits")
@@ -138,9 +144,14 @@ def plan_ensemble(model, x, *, key, num_inits, train=False, init_chunk=None, mes
     sharding = None if mesh is None else NamedSharding(mesh, P("inits"))
     place = (lambda a: a) if sharding is None else (lambda a: jax.device_put(a, sharding))
     split = lambda ks: tuple(place(ks[i: i + chunk]) for i in range(0, padded, chunk))
-    platform = (jax.devices() if mesh is None else mesh.devices.flat)[0].platform
-    init, measure = _ensemble_fns(model, train, tuple(sorted(probe_kw.items())), mesh,
-                                  platform)
+    if compiler_options == "auto":
+        platform = (jax.devices() if mesh is None else mesh.devices.flat)[0].platform
+        compiler_options = probe_compiler_options(platform)
+    elif compiler_options is not None and not isinstance(compiler_options, dict):
+        raise TypeError("`compiler_options` must be 'auto', None or a dict of XLA options; "
+                        f"got {compiler_options!r}.")
+    opts = None if compiler_options is None else tuple(sorted(compiler_options.items()))
+    init, measure = _ensemble_fns(model, train, tuple(sorted(probe_kw.items())), mesh, opts)
     return EnsemblePlan(init, measure, x, split(init_keys), split(probe_keys), num_inits,
                         sharding)
 
@@ -179,7 +190,7 @@ def _over_inits(f):
 
 
 @functools.lru_cache(maxsize=64)
-def _ensemble_fns(model, train, probe_kw, mesh, platform):
+def _ensemble_fns(model, train, probe_kw, mesh, compiler_options):
     """The jitted ``(init, measure)`` for one (model, options, mesh), cached across calls."""
     probe_kw = dict(probe_kw)
 
@@ -190,7 +201,7 @@ def _ensemble_fns(model, train, probe_kw, mesh, platform):
         return _over_inits(lambda v, k: block_moments(model, v, x, key=k, train=train,
                                                       **probe_kw))(variables, keys)
 
-    opts = probe_compiler_options(platform)
+    opts = None if compiler_options is None else dict(compiler_options)
     if mesh is None:
         return (jax.jit(batched_init, compiler_options=opts),
                 jax.jit(batched_measure, compiler_options=opts))

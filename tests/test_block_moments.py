@@ -15,8 +15,8 @@ from flax import nnx
 import gne_jax
 from gne_jax.block_moments import block_moments, chain_blocks, groups_moments
 from gne_jax.ensemble import ensemble_block_moments, ensemble_summary, plan_ensemble
-from gne_jax.sweep import compile_plans, run_sweep
 from gne_jax.models import create_model
+from gne_jax.sweep import compile_plans, run_sweep
 
 KEY = jax.random.key(0)
 
@@ -84,6 +84,12 @@ def test_ensemble_equals_python_loop_over_the_same_keys():
     chunked = ensemble_block_moments(model, x, key=KEY, num_inits=4, train=True, num_probes=8,
                                      init_chunk=3)
     np.testing.assert_allclose(chunked.blocks.phi, ens.blocks.phi, rtol=2e-5)
+    # XLA's default options (not the CPU -O1 of the probe programs) give the same moments
+    plain = ensemble_block_moments(model, x, key=KEY, num_inits=4, train=True, num_probes=8,
+                                   compiler_options=None)
+    np.testing.assert_allclose(plain.blocks.phi, ens.blocks.phi, rtol=2e-5)
+    with pytest.raises(TypeError, match="compiler_options"):
+        ensemble_block_moments(model, x, key=KEY, num_inits=4, compiler_options="fast")
     s = ensemble_summary(ens.blocks)
     np.testing.assert_allclose(s["phi"]["mean"], np.mean(ens.blocks.phi, 0), rtol=1e-6)
     np.testing.assert_allclose(s["phi"]["median"], np.median(ens.blocks.phi, 0), rtol=1e-6)

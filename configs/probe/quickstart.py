@@ -1,9 +1,9 @@
 """Quickstart: the GNE paper's headline contrast on its 32-layer serial CNN.
 
 Gaussian (Kaiming) vs orthogonal (delta-orthogonal) init × tanh / ReLU / leaky ReLU(0.3)
-× no normalization / batch norm, per-block φ and ϕ over 4 initializations. Runs on a
-laptop CPU in about two minutes (16×16 inputs keep it quick; the moments of the conv
-blocks hardly depend on the image size).
+× no normalization / batch norm, per-block φ and ϕ over 4 initializations. Runs in about
+75 s on a 2-core CPU VM, mostly compiling (16×16 inputs keep it quick; the moments of the
+conv blocks hardly depend on the image size).
 
     python -m gne_jax.probe --config configs/probe/quickstart.py --workdir runs/quickstart
 """
