@@ -1,7 +1,9 @@
 """Per-block moments: serial and residual theorems, ensembles vs loops, sharding, any model."""
 
+import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -119,8 +121,9 @@ def test_sweep_over_initializers_compiles_the_measurement_once():
 
 SHARDED = textwrap.dedent("""
     import json, jax, numpy as np
-    from gne_jax.ensemble import ensemble_block_moments
+    from gne_jax.ensemble import ensemble_block_moments, plan_ensemble, run_plan
     from gne_jax.models import create_model
+    from gne_jax.sweep import compile_plans
     assert jax.device_count() == 4
     model = create_model({"name": "mlp", "depth": 2, "width": 8, "activation": "tanh",
                           "num_classes": 4, "normalization": "batchnorm"})
@@ -128,7 +131,10 @@ SHARDED = textwrap.dedent("""
     kw = dict(key=jax.random.key(0), num_inits=6, train=True, num_probes=4)
     sharded = ensemble_block_moments(model, x, **kw)           # 6 inits over 4 devices
     single = ensemble_block_moments(model, x, mesh=None, **kw)
+    plan = plan_ensemble(model, x, init_chunk=1, **kw)           # chunks of 4, compiled AOT
+    aot = run_plan(plan, compile_plans([plan])[0])
     print(json.dumps({"sharded": np.asarray(sharded.blocks.phi).tolist(),
+                      "aot": np.asarray(aot.blocks.phi).tolist(),
                       "single": np.asarray(single.blocks.phi).tolist(),
                       "e2e_sharded": np.asarray(sharded.end_to_end.phi).tolist(),
                       "e2e_single": np.asarray(single.end_to_end.phi).tolist()}))
@@ -144,6 +150,7 @@ def test_sharded_over_four_devices_equals_one_device():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert np.asarray(res["sharded"]).shape == (6, 4)
     np.testing.assert_allclose(res["sharded"], res["single"], rtol=2e-5)
+    np.testing.assert_allclose(res["aot"], res["single"], rtol=2e-5)
     np.testing.assert_allclose(res["e2e_sharded"], res["e2e_single"], rtol=2e-5)
 
 
@@ -173,6 +180,20 @@ def test_nnx_model_and_plain_functions():
     h1 = layers[0][1](x)
     J2 = jax.jacfwd(lambda z: layers[1][1](z.reshape(3, 24)).ravel())(h1.ravel())
     np.testing.assert_allclose(r.blocks.phi[1], float(jnp.sum(J2**2)) / J2.shape[0], rtol=1e-4)
+
+
+def test_any_model_example_matches_exact_jacobians():
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "probe_any_model.py"
+    spec = importlib.util.spec_from_file_location("probe_any_model", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rows = example.run(width=16, depth=3, batch=2, probes=32)
+    assert [r["function"] for r in rows] == ["nnx layer1", "nnx layer2", "nnx layer3",
+                                             "nnx whole model", "plain scanned function"]
+    for r in rows:  # every estimate within 4 SE of the exact Jacobian's (jacfwd + eigvalsh)
+        assert example.within(r, "phi") == "yes", r
+        assert example.within(r, "varphi") == "yes", r
+    assert rows[-2]["phi_sem"] > 0 and rows[-1]["phi_sem"] > 0  # random, not trivially exact
 
 
 def test_bad_input_names_expected_shape():
