@@ -199,7 +199,7 @@ def main(argv):
     del argv
     from absl import flags
 
-    # The job is compile-bound (one XLA program per variant): keep compiled programs on
+    # The job is compile-bound (two XLA programs per variant): keep compiled programs on
     # disk so that re-running a config, or a sweep that shares variants, skips compiling.
     cache = os.environ.get("GNE_JAX_CACHE_DIR", os.path.expanduser("~/.cache/gne_jax/xla"))
     jax.config.update("jax_compilation_cache_dir", cache)
