@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import platform
 import time
@@ -23,47 +22,34 @@ import jax
 import numpy as np
 from timing import elapsed
 
-from gne_jax.ensemble import plan_ensemble, run_plan
+from gne_jax.ensemble import plan_ensemble
 from gne_jax.models import create_model
-from gne_jax.sweep import compile_plans, sweep_variants
+from gne_jax.sweep import run_sweep
+from gne_jax.training_config import from_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 O1 = {"xla_backend_optimization_level": 1}
 
 
-def quickstart_config():
-    spec = importlib.util.spec_from_file_location("qs", ROOT / "configs/probe/quickstart.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-
-
 def sweep_phases(c):
-    base = c.model.to_dict()
+    """Times the quickstart's phases through ``run_sweep``'s progress callback."""
     x = c.input_scale * jax.random.normal(jax.random.key(0), tuple(c.input_shape))
-    kw = dict(train=c.train, init_chunk=c.init_chunk, num_probes=c.num_probes, method=c.method)
-    plans = [plan_ensemble(create_model({**base, **o}), x, key=jax.random.key(1),
-                           num_inits=c.num_inits, **kw)
-             for _, o in sweep_variants(c.sweep.to_dict())]
-    t0 = time.perf_counter()
-    traced = {"s": 0.0}
+    seconds, counts = {}, {}
 
-    def progress(it, total, desc):  # time the tracing loop alone (compiles overlap with it)
+    def progress(it, total, desc):  # tracing's compiles run alongside; "compiling" waits
+        counts[desc] = total
         t = time.perf_counter()
         yield from it
-        if desc == "tracing":
-            traced["s"] = time.perf_counter() - t
+        seconds[desc] = time.perf_counter() - t
 
-    compiled = compile_plans(plans, progress=progress)
-    t1 = time.perf_counter()
-    for plan, exe in zip(plans, compiled, strict=True):
-        jax.block_until_ready(run_plan(plan, exe).blocks.phi)
-    t2 = time.perf_counter()
-    distinct = len({id(e) for pair in compiled for e in pair})
-    print(f"quickstart sweep: {len(plans)} variants, {2 * len(plans)} programs, {distinct} "
-          f"distinct compiled")
-    print(f"  tracing {traced['s']:.1f} s (compiles run alongside), tracing + compiling "
-          f"{t1 - t0:.1f} s, measuring {t2 - t1:.1f} s, total {t2 - t0:.1f} s")
+    points = run_sweep(c.model.to_dict(), c.sweep.to_dict(), x, key=jax.random.key(1),
+                       num_inits=c.num_inits, progress=progress, train=c.train,
+                       init_chunk=c.init_chunk, num_probes=c.num_probes, method=c.method)
+    print(f"quickstart sweep: {len(points)} variants, {2 * len(points)} programs, "
+          f"{counts['compiling']} distinct compiled")
+    print(f"  tracing {seconds['tracing']:.1f} s (compiles run alongside), tracing + "
+          f"compiling {seconds['tracing'] + seconds['compiling']:.1f} s, measuring "
+          f"{seconds['measuring']:.1f} s")
 
 
 def compile_both(fn, args):
@@ -124,7 +110,7 @@ def main():
           f"{jax.device_count()} device(s), jax {jax.__version__}")
     if not a.skip_sweep:
         t = time.perf_counter()
-        sweep_phases(quickstart_config())
+        sweep_phases(from_file(str(ROOT / "configs/probe/quickstart.py")))
         print(f"  (wall incl. planning {time.perf_counter() - t:.1f} s)")
     option_effect()
 

@@ -77,10 +77,6 @@ class EnsemblePlan(NamedTuple):
                 shapes)
         return lowered_init, self.measure.lower(shapes, self.x, self.probe_keys[0])
 
-    def compile(self):
-        """``(init, measure)`` compiled ahead of time (thread-safe)."""
-        return tuple(lowered.compile() for lowered in self.lower())
-
 
 def ensemble_block_moments(
     model,
@@ -134,8 +130,8 @@ def plan_ensemble(model, x, *, key, num_inits, train=False, init_chunk=None, mes
     if mesh is not None and "inits" not in mesh.axis_names:
         raise ValueError(f"`mesh` must have an axis named 'inits'; got {mesh.axis_names}.")
     devices = 1 if mesh is None else mesh.shape["inits"]
-    per_device = init_chunk or math.ceil(num_inits / devices)
-    chunk = min(per_device, math.ceil(num_inits / devices)) * devices
+    per_device = math.ceil(num_inits / devices)
+    chunk = min(init_chunk or per_device, per_device) * devices
     keys = jax.random.split(key, num_inits)
     padded = math.ceil(num_inits / chunk) * chunk
     if padded != num_inits:  # a last partial chunk is filled with repeats, later dropped

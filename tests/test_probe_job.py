@@ -1,7 +1,6 @@
 """The probe job end to end: files, columns, no overwrite, bad config, the CLI."""
 
 import csv
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,15 +11,13 @@ import numpy as np
 import pytest
 
 from gne_jax.probe import CONFIG_KEYS, run_probe
+from gne_jax.training_config import from_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / "probe" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return from_file(str(ROOT / "configs" / "probe" / f"{name}.py"))
 
 
 def tiny_quickstart():
