@@ -30,7 +30,7 @@ from matfree import decomp
 from timing import median_time
 
 from gne_jax.curvature import hessian_eigenpairs, hessian_matvec, hessian_trace
-from gne_jax.lanczos import lanczos_tridiag, ritz
+from gne_jax.linalg.lanczos import lanczos_tridiag, ritz
 
 
 def compile_time(f, *args):
@@ -149,7 +149,7 @@ def main():
     # Compile time vs number of steps (same HVP, flat start vector).
     print(f"{'compile (lower+compile) s':<28} {'20 steps':>9} {'200 steps':>10} {'ratio':>7}")
     for name, make in [
-        ("ours (gne_jax.lanczos)", lambda k: lambda p, v: lanczos_tridiag(k)(
+        ("ours (gne_jax.linalg.lanczos)", lambda k: lambda p, v: lanczos_tridiag(k)(
             lambda u: ravel_pytree(hessian_matvec(loss, p)(unravel(u)))[0], v).diag),
         ("matfree tridiag_sym", lambda k: lambda p, v: decomp.tridiag_sym(k, reortho="full")(
             lambda u: ravel_pytree(hessian_matvec(loss, p)(unravel(u)))[0], v).J_small),

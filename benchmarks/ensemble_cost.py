@@ -19,9 +19,9 @@ import jax
 import numpy as np
 from timing import elapsed
 
-from gne_jax.block_moments import block_moments, probe_compiler_options
-from gne_jax.ensemble import ensemble_block_moments
 from gne_jax.models import create_model
+from gne_jax.probes.block_moments import block_moments, probe_compiler_options
+from gne_jax.probes.ensemble import ensemble_block_moments
 
 
 def main():

@@ -1,7 +1,7 @@
 """Forward+backward cost of second moment normalization (SMN) vs Flax BatchNorm.
 
 The GNE paper claims SMN is "theoretically 30% faster than batch normalization"
-(theory §12.3): SMN needs one reduction (Σx²) on the forward pass and two (Σg,
+(derivations §12.3): SMN needs one reduction (Σx²) on the forward pass and two (Σg,
 Σg·x) on the backward pass. This script times, on ResNet-50 feature-map shapes,
 one jitted training-mode step of each layer: forward, running-statistics update
 and the full VJP (gradients for the input, γ and β), with a fixed random
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from timing import elapsed
 
-from gne_jax.normalization import SecondMomentNorm
+from gne_jax.nn.normalization import SecondMomentNorm
 
 RESNET50_SHAPES = ((56, 56, 256), (28, 28, 512), (14, 14, 1024), (7, 7, 2048))
 

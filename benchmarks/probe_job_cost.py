@@ -22,10 +22,10 @@ import jax
 import numpy as np
 from timing import elapsed
 
-from gne_jax.ensemble import plan_ensemble
 from gne_jax.models import create_model
-from gne_jax.sweep import run_sweep
-from gne_jax.training_config import from_file
+from gne_jax.probes.ensemble import plan_ensemble
+from gne_jax.probes.sweep import run_sweep
+from gne_jax.training.config import from_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 O1 = {"xla_backend_optimization_level": 1}

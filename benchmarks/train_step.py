@@ -1,6 +1,6 @@
 """Training-step time of CIFAR ResNet-56 with SMN vs BatchNorm vs no normalization.
 
-Times the jitted ``gne_jax.train.train_step`` (forward, backward, SGD update with
+Times the jitted ``gne_jax.training.train.train_step`` (forward, backward, SGD update with
 clipping and weight decay, metric sums) on synthetic data, all variants in one
 run and interleaved (variant A, B, C, A, B, C, ...) so that machine-load drift
 affects them alike. Prints the median step time, images/s, compile time, and the
@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gne_jax import train
 from gne_jax.models import default_config
-from gne_jax.training_config import base_config
+from gne_jax.training import train
+from gne_jax.training.config import base_config
 
 VARIANTS = {"batchnorm": "batchnorm", "smn": "smn", "none": "none"}
 

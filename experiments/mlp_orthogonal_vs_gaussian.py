@@ -2,7 +2,7 @@
 
 The GNE paper's serial theorem predicts the normalized variance ϕ/φ² of a product of
 L blocks to be the sum of the blocks' own: about m/n = 1 per Gaussian layer plus the
-tanh term ≈ 8q² per layer (theory §3, §8), and only the tanh term with orthogonal
+tanh term ≈ 8q² per layer (derivations §3, §8), and only the tanh term with orthogonal
 weights. So Gaussian weights spread the singular values of a deep network roughly
 linearly in depth; orthogonal ones do not.
 

@@ -1,21 +1,57 @@
 """gne_jax: gradient norm equality probes, theory and layers for JAX/Flax.
 
-Each section below is owned by one part of the library; keep imports light
-(no TensorFlow, no plotting) so that ``import gne_jax`` stays fast.
+The public API, grouped by the sub-package that owns it:
+
+* `gne_jax.probes`: Jacobian operators, trace estimators, φ/ϕ moments, per-block
+  moments, ensembles over initializations, sweeps;
+* `gne_jax.linalg`: Lanczos and spectral densities (stochastic Lanczos quadrature);
+* `gne_jax.curvature`: Hessian and Gauss–Newton traces, eigenvalues and densities;
+* `gne_jax.nn`: initializers, activations and normalization layers;
+* `gne_jax.models`: the model zoo, each model exposing its blocks;
+* `gne_jax.theory`: predicted moments beside measurements;
+* `gne_jax.training`: the training loop (needs the ``[train]`` extra; not imported here).
+
+Imports stay light (no TensorFlow, no plotting) so that ``import gne_jax`` is fast.
 """
 
 __version__ = "0.1.0"
 
-# --- probes: Jacobian operators, trace estimators, moments (issue 2) ---------
-from gne_jax.jacobian import JacobianOperators, jacobian_operators  # noqa: F401
-from gne_jax.moments import JacobianMoments, jacobian_moments  # noqa: F401
-from gne_jax.stochtrace import TraceEstimate, hutchinson, hutchpp  # noqa: F401
+# --- probes ------------------------------------------------------------------
+from gne_jax.probes.jacobian import JacobianOperators, jacobian_operators
+from gne_jax.probes.moments import JacobianMoments, jacobian_moments
+from gne_jax.probes.stochtrace import TraceEstimate, hutchinson, hutchpp
+from gne_jax.probes.blocks import Block, BlockGroup, compose_blocks, iter_blocks
+from gne_jax.probes.block_moments import BlockMoments, block_moments, chain_blocks, groups_moments
+from gne_jax.probes.ensemble import (
+    EnsemblePlan,
+    ensemble_block_moments,
+    ensemble_summary,
+    plan_ensemble,
+    run_plan,
+)
+from gne_jax.probes.sweep import compile_plans, result_rows, run_sweep
 
-# --- block structure (shared by models and per-block probes) ----------------
-from gne_jax.blocks import Block, BlockGroup, compose_blocks, iter_blocks  # noqa: F401
+# --- linear algebra and curvature ---------------------------------------------
+from gne_jax.linalg.lanczos import EigenResult, LanczosResult, eigh_extreme, lanczos_tridiag
+from gne_jax.linalg.spectral import (
+    SpectralDensity,
+    jacobian_spectral_density,
+    smooth_density,
+    spectral_density,
+    trace_function,
+)
+from gne_jax.curvature import (
+    GroupTraces,
+    gauss_newton_matvec,
+    hessian_density,
+    hessian_eigenpairs,
+    hessian_group_traces,
+    hessian_matvec,
+    hessian_trace,
+)
 
-# --- layers and models (issue 3) ---------------------------------------------
-from gne_jax.activations import (  # noqa: F401
+# --- layers and models ---------------------------------------------------------
+from gne_jax.nn.activations import (
     ACTIVATIONS,
     PReLU,
     SPReLU,
@@ -23,14 +59,14 @@ from gne_jax.activations import (  # noqa: F401
     selu_coefficients,
     shaped_activation,
 )
-from gne_jax.initializers import (  # noqa: F401
+from gne_jax.nn.initializers import (
     INITIALIZERS,
     activation_gain,
     delta_orthogonal,
     get_initializer,
     orthogonal,
 )
-from gne_jax.normalization import (  # noqa: F401
+from gne_jax.nn.normalization import (
     CenteredConv,
     CenteredDense,
     MeanOnlyBatchNorm,
@@ -41,42 +77,32 @@ from gne_jax.normalization import (  # noqa: F401
     WeightNormConv,
     WeightNormDense,
 )
-from gne_jax.models import MODEL_NAMES, create_model, default_config  # noqa: F401
+from gne_jax.models import MODEL_NAMES, create_model, default_config
 
-# --- per-block moments, ensembles, sweeps (issue 4) --------------------------
-from gne_jax.block_moments import (  # noqa: F401
-    BlockMoments,
-    block_moments,
-    chain_blocks,
-    groups_moments,
-)
-from gne_jax.ensemble import (  # noqa: F401
-    EnsemblePlan,
-    ensemble_block_moments,
-    ensemble_summary,
-    plan_ensemble,
-    run_plan,
-)
-from gne_jax.sweep import compile_plans, result_rows, run_sweep  # noqa: F401
+# --- theory (numpy/jax only; models and plots load lazily) ---------------------
+from gne_jax import theory
 
-# --- theory (issue 5): use `gne_jax.theory` ----------------------------------
-from gne_jax import theory  # noqa: F401,E402  (numpy/jax only; models and plots load lazily)
-
-# --- spectra and curvature (issue 6) -----------------------------------------
-from gne_jax.lanczos import EigenResult, LanczosResult, eigh_extreme, lanczos_tridiag  # noqa: F401
-from gne_jax.spectral import (  # noqa: F401
-    SpectralDensity,
-    jacobian_spectral_density,
-    smooth_density,
-    spectral_density,
-    trace_function,
-)
-from gne_jax.curvature import (  # noqa: F401
-    GroupTraces,
-    gauss_newton_matvec,
-    hessian_density,
-    hessian_eigenpairs,
-    hessian_group_traces,
-    hessian_matvec,
-    hessian_trace,
-)
+__all__ = [
+    # probes
+    "JacobianOperators", "jacobian_operators",
+    "JacobianMoments", "jacobian_moments",
+    "TraceEstimate", "hutchinson", "hutchpp",
+    "Block", "BlockGroup", "compose_blocks", "iter_blocks",
+    "BlockMoments", "block_moments", "chain_blocks", "groups_moments",
+    "EnsemblePlan", "ensemble_block_moments", "ensemble_summary", "plan_ensemble", "run_plan",
+    "compile_plans", "result_rows", "run_sweep",
+    # linear algebra and curvature
+    "EigenResult", "LanczosResult", "eigh_extreme", "lanczos_tridiag",
+    "SpectralDensity", "jacobian_spectral_density", "smooth_density", "spectral_density",
+    "trace_function",
+    "GroupTraces", "gauss_newton_matvec", "hessian_density", "hessian_eigenpairs",
+    "hessian_group_traces", "hessian_matvec", "hessian_trace",
+    # layers and models
+    "ACTIVATIONS", "PReLU", "SPReLU", "get_activation", "selu_coefficients", "shaped_activation",
+    "INITIALIZERS", "activation_gain", "delta_orthogonal", "get_initializer", "orthogonal",
+    "CenteredConv", "CenteredDense", "MeanOnlyBatchNorm", "MeterezBatchNorm", "ScaledWSConv",
+    "ScaledWSDense", "SecondMomentNorm", "WeightNormConv", "WeightNormDense",
+    "MODEL_NAMES", "create_model", "default_config",
+    # theory
+    "theory",
+]

@@ -77,8 +77,3 @@ def check_float_tree(tree, argname: str) -> None:
                 f"respect to it); found a leaf of dtype {dtype} and shape {jnp.shape(leaf)}. "
                 f"Cast it, e.g. x.astype(jnp.float32)."
             )
-
-
-def is_concrete(tree) -> bool:
-    """True when no leaf is a tracer, i.e. we are not inside jit/vmap/grad."""
-    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))

@@ -5,19 +5,19 @@ initializations and differentiate):
 
   H v  = d/dε ∇L(θ + εv)|₀            forward-over-reverse (``hessian_matvec``),
   G v  = Jᵀ H_out J v                 Gauss–Newton, J = ∂f/∂θ, H_out = ∂²ℓ/∂f²
-                                      (``gauss_newton_matvec``, from the lead's
-                                      ``gne_jax.jacobian.jacobian_operators``).
+                                      (``gauss_newton_matvec``, from
+                                      ``gne_jax.probes.jacobian.jacobian_operators``).
 
 Measurements built on them reuse the generic pieces of the library rather than
-re-implementing them: traces by ``gne_jax.stochtrace.hutchinson``/``hutchpp``,
-top-k eigenpairs by ``gne_jax.lanczos.eigh_extreme``, densities by
-``gne_jax.spectral.spectral_density``. Per-group traces (``group_traces``) use
+re-implementing them: traces by ``gne_jax.probes.stochtrace.hutchinson``/``hutchpp``,
+top-k eigenpairs by ``gne_jax.linalg.lanczos.eigh_extreme``, densities by
+``gne_jax.linalg.spectral.spectral_density``. Per-group traces (``group_traces``) use
 one probe v per matvec for all groups at once: E[v_gᵀ (A v)_g] = tr A_gg for
 Rademacher or Gaussian v, since E[v vᵀ] = I.
 
 For a piecewise-linear network (ReLU/linear layers) with ℓ = ½‖f − y‖², every
 ∂²f/∂θ_i² vanishes almost everywhere, so tr H = tr G = ‖J‖²_F = Σ_l ‖∂f/∂W_l‖²_F
-(theory §14.3); the tests check ``hessian_trace`` against that identity.
+(derivations §14.3); the tests check ``hessian_trace`` against that identity.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gne_jax._tree import path_names
 from gne_jax._validate import check_choice, check_key, check_positive_int
-from gne_jax.lanczos import EigenResult, eigh_extreme, flatten_matvec, ravel_like
-from gne_jax.spectral import SpectralDensity, spectral_density
-from gne_jax.stochtrace import (
+from gne_jax.linalg.lanczos import EigenResult, eigh_extreme, flatten_matvec, ravel_like
+from gne_jax.linalg.spectral import SpectralDensity, spectral_density
+from gne_jax.probes.stochtrace import (
     DISTRIBUTIONS,
     TraceEstimate,
     hutchinson,
@@ -83,10 +84,10 @@ def gauss_newton_matvec(
 
     G is positive semi-definite when ``loss_of_output`` is convex (squared error,
     softmax cross-entropy). J v and Jᵀ u come from one linearization
-    (``gne_jax.jacobian.jacobian_operators``); H_out u is forward-over-reverse on the
+    (``gne_jax.probes.jacobian.jacobian_operators``); H_out u is forward-over-reverse on the
     outputs (cheap: no pass through the network).
     """
-    from gne_jax.jacobian import jacobian_operators
+    from gne_jax.probes.jacobian import jacobian_operators
 
     ops = jacobian_operators(apply_fn, params)
     _check_scalar_loss(loss_of_output, ops.out)
@@ -101,7 +102,7 @@ def gauss_newton_matvec(
 def trace(matvec: Matvec, key: jax.Array, like: PyTree, *, num_matvecs: int = 100,
           method: str = "hutchinson", dist: str = "rademacher",
           chunk_size: int | None = None) -> TraceEstimate:
-    """tr A by ``gne_jax.stochtrace`` (Hutchinson or Hutch++) with ``num_matvecs`` matvecs.
+    """tr A by ``gne_jax.probes.stochtrace`` (Hutchinson or Hutch++) with ``num_matvecs`` matvecs.
 
     The estimator sees the operator on flat vectors (``ravel_pytree``): the same
     estimator, but one probe draw per matvec instead of one per leaf, which keeps
@@ -148,16 +149,7 @@ class GroupTraces(NamedTuple):
 
 
 def _path_name(path, grouping: str) -> str:
-    keys = []
-    for p in path:
-        if isinstance(p, jax.tree_util.DictKey):
-            keys.append(str(p.key))
-        elif isinstance(p, jax.tree_util.GetAttrKey):
-            keys.append(p.name)
-        elif isinstance(p, jax.tree_util.SequenceKey):
-            keys.append(str(p.idx))
-        else:
-            keys.append(str(p))
+    keys = list(path_names(path))
     if grouping == "all":
         return "all"
     if grouping == "layer" and len(keys) > 1:
@@ -184,7 +176,7 @@ def group_traces(matvec: Matvec, key: jax.Array, like: PyTree, *, num_matvecs: i
                  chunk_size: int | None = None) -> GroupTraces:
     """tr A_gg for each parameter group g, all from the same ``num_matvecs`` probes.
 
-    With a probe v (E[vvᵀ] = I, probes from ``gne_jax.stochtrace.sample_probe``)
+    With a probe v (E[vvᵀ] = I, probes from ``gne_jax.probes.stochtrace.sample_probe``)
     and w = A v, the per-group sample v_gᵀ w_g has mean tr A_gg; its variance
     includes the off-diagonal blocks A_gh (Gaussian probes:
     Var = ‖A_g,:‖²_F + tr(A_gg²)). The group samples sum to the Hutchinson
@@ -237,7 +229,7 @@ def hessian_eigenpairs(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
                        which: str = "largest", check_symmetry: bool = True) -> EigenResult:
     """Top-k (or bottom-k) Hessian eigenvalues and eigenvectors (pytrees like ``params``).
 
-    Lanczos with full reorthogonalization (``gne_jax.lanczos.eigh_extreme``) from a
+    Lanczos with full reorthogonalization (``gne_jax.linalg.lanczos.eigh_extreme``) from a
     random start; ``num_steps`` HVPs. Check ``residual_norms`` for convergence:
     an eigenvalue of H lies within it of each returned value.
     """
@@ -247,5 +239,5 @@ def hessian_eigenpairs(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
 
 def hessian_density(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Array,
                     **kwargs) -> SpectralDensity:
-    """SLQ density of the Hessian spectrum; keywords as in ``gne_jax.spectral.spectral_density``."""
+    """SLQ density of the Hessian spectrum; keywords as in `gne_jax.linalg.spectral_density`."""
     return spectral_density(hessian_matvec(loss_fn, params), key, params, **kwargs)

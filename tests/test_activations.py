@@ -1,4 +1,4 @@
-"""Activations against their formulas; the SELU solver against theory §11.2."""
+"""Activations against their formulas; the SELU solver against derivations §11.2."""
 
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from gne_jax.activations import (
+from gne_jax.nn.activations import (
     ACTIVATIONS,
     SELU_ALPHA,
     SELU_LAMBDA,
@@ -23,7 +23,7 @@ from gne_jax.activations import (
 
 X = jnp.linspace(-3.0, 3.0, 13)
 
-# theory.md §11.2, q = 1: (gamma0, epsilon, lambda, alpha)
+# derivations §11.2, q = 1: (gamma0, epsilon, lambda, alpha)
 SELU_TABLE = [
     (1, 0.07157, 1.0507, 1.6732),
     (1, 0.0716, 1.0506, 1.6738),
@@ -65,7 +65,7 @@ def test_selu_solution_satisfies_equations_by_quadrature(gamma0, eps, q):
 
 
 def test_original_selu_phi():
-    # theory §11.2: φ of the original SELU at v = 1 is 1.07157
+    # derivations §11.2: φ of the original SELU at v = 1 is 1.07157
     assert selu_derivative_moment(SELU_LAMBDA, SELU_ALPHA, 1.0) == pytest.approx(1.07157, abs=1e-5)
 
 
@@ -181,7 +181,7 @@ def test_learned_activation(name):
 
 @pytest.mark.parametrize("a", [0.0, 0.25, 0.7])
 def test_sprelu_phi_is_half(a):
-    # φ(JJᵀ) = mean f'(x)² = ½ for any slope when half the inputs are positive (theory §8)
+    # φ(JJᵀ) = mean f'(x)² = ½ for any slope when half the inputs are positive (derivations §8)
     module = get_activation("sprelu", slope_init=a)()
     x = jnp.array([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0])
     variables = module.init(jax.random.key(0), x)

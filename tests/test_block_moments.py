@@ -15,16 +15,16 @@ import pytest
 from flax import nnx
 
 import gne_jax
-from gne_jax.block_moments import block_moments, chain_blocks, groups_moments
-from gne_jax.ensemble import ensemble_block_moments, ensemble_summary, plan_ensemble
 from gne_jax.models import create_model
-from gne_jax.sweep import compile_plans, run_sweep
+from gne_jax.probes.block_moments import block_moments, chain_blocks, groups_moments
+from gne_jax.probes.ensemble import ensemble_block_moments, ensemble_summary, plan_ensemble
+from gne_jax.probes.sweep import compile_plans, run_sweep
 
 KEY = jax.random.key(0)
 
 
 def test_serial_theorem_deep_orthogonal_tanh_mlp():
-    """Composing per-block φ reproduces the end-to-end φ (theory §3) within error bars."""
+    """Composing per-block φ reproduces the end-to-end φ (derivations §3) within error bars."""
     model = create_model({"name": "mlp", "depth": 12, "width": 128, "activation": "tanh",
                           "init": "orthogonal", "num_classes": None})
     x = 0.5 * jax.random.normal(jax.random.key(1), (2, 128))
@@ -36,7 +36,7 @@ def test_serial_theorem_deep_orthogonal_tanh_mlp():
     prod = float(np.prod(phi))
     # SE of the product: relative SEs add in quadrature; plus the end-to-end SE
     se = np.sqrt((prod * np.sqrt(np.sum(rel_se**2))) ** 2 + float(r.end_to_end.phi_sem) ** 2)
-    # freeness holds up to O(1/width) at finite width (theory §3): allow 2% besides 4 SE
+    # freeness holds up to O(1/width) at finite width (derivations §3): allow 2% besides 4 SE
     assert abs(prod - float(r.end_to_end.phi)) <= 4 * se + 0.02 * prod, (prod, r.end_to_end.phi)
     # the exact per-block moments agree with the estimates
     e = block_moments(model, v, x, key=KEY, method="exact")
@@ -47,7 +47,7 @@ def test_serial_theorem_deep_orthogonal_tanh_mlp():
 
 @pytest.mark.parametrize("scale", [1.0, 0.3])
 def test_residual_block_phi_is_one_plus_branch(scale):
-    """x + a·W f(x): φ = 1 + φ(branch), ϕ = ϕ_b + 2φ_b (theory §4.3), exact moments."""
+    """x + a·W f(x): φ = 1 + φ(branch), ϕ = ϕ_b + 2φ_b (derivations §4.3), exact moments."""
     model = create_model({"name": "mlp", "depth": 3, "width": 200, "activation": "relu",
                           "residual": "pre", "residual_scale": scale, "num_classes": None,
                           "input_layer": False})
@@ -121,9 +121,9 @@ def test_sweep_over_initializers_compiles_the_measurement_once():
 
 SHARDED = textwrap.dedent("""
     import json, jax, numpy as np
-    from gne_jax.ensemble import ensemble_block_moments, plan_ensemble, run_plan
+    from gne_jax.probes.ensemble import ensemble_block_moments, plan_ensemble, run_plan
     from gne_jax.models import create_model
-    from gne_jax.sweep import compile_plans
+    from gne_jax.probes.sweep import compile_plans
     assert jax.device_count() == 4
     model = create_model({"name": "mlp", "depth": 2, "width": 8, "activation": "tanh",
                           "num_classes": 4, "normalization": "batchnorm"})

@@ -58,7 +58,7 @@ def dense_hessian(loss_fn, params):
 
 
 def test_relu_hessian_trace_equals_squared_jacobian_norms():
-    # theory §14.3: piecewise-linear net, ℓ = ½‖f − y‖²  ⇒  tr H = Σ_l ‖∂f/∂θ_l‖²_F.
+    # derivations §14.3: piecewise-linear net, ℓ = ½‖f − y‖²  ⇒  tr H = Σ_l ‖∂f/∂θ_l‖²_F.
     with jax.enable_x64(True):
         params = init_mlp(jax.random.key(0), dtype=jnp.float64)
         x, y = data(jnp.float64)

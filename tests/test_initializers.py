@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gne_jax.initializers import (
+from gne_jax.nn.initializers import (
     GAIN_NAMES,
     INITIALIZERS,
     activation_gain,
@@ -32,7 +32,7 @@ KEY = jax.random.key(0)
         ("prelu", None, math.sqrt(2.0)),
         ("sprelu", None, math.sqrt(2.0)),
         ("selu", None, 1.0),
-        # theory §9 quotes these to 4 decimals
+        # derivations §9 quotes these to 4 decimals
         ("leaky_relu", 0.18, 1.3918),
         ("leaky_relu", 0.3, 1.3546),
         ("leaky_relu", 0.5, 1.2649),
@@ -44,7 +44,7 @@ def test_gain_table(name, slope, expected):
 
 @pytest.mark.parametrize("a", [0.0, 0.18, 0.3, 0.5, 1.0])
 def test_leaky_gain_gives_unit_phi(a):
-    # gain² · φ_act = 1 with φ_leaky = (1 + a²)/2 at p = ½ (theory §8)
+    # gain² · φ_act = 1 with φ_leaky = (1 + a²)/2 at p = ½ (derivations §8)
     assert activation_gain("leaky_relu", a) ** 2 * (1 + a * a) / 2 == pytest.approx(1.0)
 
 

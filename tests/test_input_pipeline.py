@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from gne_jax import input_pipeline as ip
-from gne_jax.training_config import base_config
+from gne_jax.training import input_pipeline as ip
+from gne_jax.training.config import base_config
 
 SPEC_PLAIN = ip.DatasetSpec(None, "train", "test", 10, 4, 1, (0.0,), (1.0,), "none")
 SPEC_CIFAR = ip.DatasetSpec(None, "train", "test", 10, 6, 1, (0.0,), (1.0,), "cifar")

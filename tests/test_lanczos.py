@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matfree import decomp
 
-from gne_jax.lanczos import (
+from gne_jax.linalg.lanczos import (
     check_symmetric,
     eigh_extreme,
     lanczos_tridiag,

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gne_jax.blocks import compose_blocks
 from gne_jax.models import MODEL_NAMES, create_model, default_config
+from gne_jax.probes.blocks import compose_blocks
 
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 KEY = jax.random.key(0)
@@ -231,7 +231,7 @@ def test_resnet56_parameter_count():
 
 
 def test_fixup_branch_init_scale():
-    """Both branch convs: std = √2/√fan_in · L^(−p/(2m)), L = 3n, m = 2 (theory §13)."""
+    """Both branch convs: std = √2/√fan_in · L^(−p/(2m)), L = 3n, m = 2 (derivations §13)."""
     p = 2.0
     model = create_model(
         dict(name="resnet_cifar", depth=56, normalization="none", fixup_p=p, fixup_scalars=True)
@@ -373,7 +373,7 @@ def test_resnet50_parameter_count():
 
 @pytest.mark.parametrize("fixup", ["original", "ours"])
 def test_resnet50_fixup_init_table(fixup):
-    """theory §13 table: conv1/conv2 std, conv3 = 0, projection std, fc = 0 (L blocks, m = 3)."""
+    """derivations §13 table: conv1/conv2 std, conv3 = 0, projection std, fc = 0 (m = 3)."""
     stage_sizes = (1, 1, 4, 1)
     model = create_model(
         dict(

@@ -214,7 +214,7 @@ def test_pytree_input_and_output_sizes_are_total_elements():
 
 
 def test_batch_coupled_function_matches_theory_projection():
-    """Training-mode second-moment normalization of one channel (theory §8):
+    """Training-mode second-moment normalization of one channel (derivations §8):
     φ = (1 − 1/M)/m̄², ϕ = (M−1)/(M² m̄⁴) with γ = 1, ε → 0."""
     M = 256
     x = jax.random.normal(jax.random.key(17), (M,)) * 0.7

@@ -1,4 +1,4 @@
-"""Normalization layers against their formulas, finite differences and theory §8/§12."""
+"""Normalization layers against their formulas, finite differences and derivations §8/§12."""
 
 import math
 import os
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from gne_jax.normalization import (
+from gne_jax.nn.normalization import (
     CenteredConv,
     CenteredDense,
     MeanOnlyBatchNorm,
@@ -132,7 +132,7 @@ def test_smn_backward_finite_differences(variant, inside):
 
 @pytest.mark.parametrize("eps", [1e-5, 0.2])
 def test_smn_backward_matches_closed_form(eps):
-    # theory §12.2: s = γ/(m̄+ε); ∂β = Σg; ∂γ = Σgx/(m̄+ε); ∂x = s g − s Σgx/(M(m̄+ε)m̄) x
+    # derivations §12.2: s = γ/(m̄+ε); ∂β = Σg; ∂γ = Σgx/(m̄+ε); ∂x = s g − s Σgx/(M(m̄+ε)m̄) x
     with jax.enable_x64(True):
         x = jnp.asarray(_x(X64), jnp.float64)
         gamma, beta = (jnp.asarray(p, jnp.float64) for p in _params(3))
@@ -225,7 +225,7 @@ def test_smn_sharded_across_devices():
         """
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, PartitionSpec as P
-        from gne_jax.normalization import SecondMomentNorm
+        from gne_jax.nn.normalization import SecondMomentNorm
         assert jax.device_count() == 4
         x = jax.random.normal(jax.random.key(0), (8, 3, 3, 4)) + 0.5
         layer = SecondMomentNorm(axis_name="data")
@@ -252,12 +252,12 @@ def test_smn_sharded_across_devices():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
 
 
-# ---------------------------------------------------------------- SMN Jacobian (theory §8)
+# ---------------------------------------------------------------- SMN Jacobian (derivations §8)
 
 
 def test_smn_jacobian_spectrum_matches_theory():
     # One channel, M values: JJᵀ has M−1 eigenvalues γ²/(m̄+ε)² and one γ²ε²/(m̄+ε)⁴
-    # (theory §8, SMN row); exact Jacobian by jacfwd, eigenvalues by eigvalsh.
+    # (derivations §8, SMN row); exact Jacobian by jacfwd, eigenvalues by eigvalsh.
     with jax.enable_x64(True):
         M, gamma, eps = 12, 1.3, 0.05
         x = jnp.asarray(_x((M, 1), seed=3), jnp.float64)
@@ -281,7 +281,7 @@ def test_smn_jacobian_spectrum_matches_theory():
 def test_smn_jacobian_moments_multichannel_against_theory_component():
     # Batch-coupled moments of a multi-channel SMN (block-diagonal over channels) from
     # the project's exact estimator, against the mean of theory.smn_train per channel.
-    from gne_jax.moments import jacobian_moments
+    from gne_jax.probes.moments import jacobian_moments
     from gne_jax.theory.components import smn_train
 
     with jax.enable_x64(True):
@@ -336,7 +336,7 @@ def test_mean_only_batch_norm():
 
 @pytest.mark.parametrize("scale_factor", [1.0, "sqrt_n"])
 def test_meterez_batch_norm(scale_factor):
-    # BN(X) = diag(XXᵀ)^(−1/2) X with X = features × samples (theory §14.2)
+    # BN(X) = diag(XXᵀ)^(−1/2) X with X = features × samples (derivations §14.2)
     n, d = 8, 5
     x = _x((n, d))
     layer = MeterezBatchNorm(scale_factor=scale_factor, epsilon=0.0)

@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from gne_jax import optim
-from gne_jax.training_config import base_config
+from gne_jax.training import optim
+from gne_jax.training.config import base_config
 
 
 class Net(nn.Module):

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from gne_jax.probe import CONFIG_KEYS, run_probe
-from gne_jax.training_config import from_file
+from gne_jax.probes.job import CONFIG_KEYS, run_probe
+from gne_jax.training.config import from_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """SLQ densities and tr f(A) against exact eigendecompositions, with derived bounds.
 
-Bounds (module docstring of gne_jax.spectral): for spectrum range R, k Lanczos
+Bounds (module docstring of gne_jax.linalg.spectral): for spectrum range R, k Lanczos
 steps, n_v probes and dimension n,
   W1(SLQ measure, eigenvalue measure) ≤ π R/(4k) + c · R/sqrt(2 n_v (n+2)),
 the first term the Gauss-quadrature (Jackson) error, the second the probe noise
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy.stats import wasserstein_distance
 
-from gne_jax.spectral import (
+from gne_jax.linalg.spectral import (
     default_rel_sigma,
     jacobian_spectral_density,
     resolve_sigma,

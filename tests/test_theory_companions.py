@@ -1,4 +1,4 @@
-"""Companion results (theory §14) beside measurements on small networks."""
+"""Companion results (derivations §14) beside measurements on small networks."""
 
 import math
 
@@ -7,9 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gne_jax.moments import jacobian_moments
+from gne_jax.probes.moments import jacobian_moments
+from gne_jax.theory import (
+    bn_isometry,
+    log_norms,
+    pool_inits,
+    predict,
+    resnet_spectrum,
+    sample_variance,
+)
 from gne_jax.theory import components as C
-from gne_jax.theory import luther, meterez, orvieto, pool_inits, predict, tarnowski
 from gne_jax.theory.compose import Repeat, Residual
 
 # ---------------------------------------------------------------------------
@@ -18,14 +25,14 @@ from gne_jax.theory.compose import Repeat, Residual
 
 
 def test_tarnowski_table_values():
-    # theory §14.1 table: moments and edges at c = 0.25, 0.5, 1
+    # derivations §14.1 table: moments and edges at c = 0.25, 0.5, 1
     table = {
         0.25: (1.2840, 2.473, 0.2362, 4.234),
         0.5: (1.6487, 5.437, 0.1249, 8.008),
         1.0: (2.7183, 22.167, 0.0474, 21.094),
     }
     for c, (m1, m2, lo, hi) in table.items():
-        m = tarnowski.tarnowski_moments(c)
+        m = resnet_spectrum.tarnowski_moments(c)
         assert float(m.phi) == pytest.approx(m1, abs=1e-4)
         assert float(m.phi2) == pytest.approx(m2, abs=1e-3)
         assert float(m.lower_edge) == pytest.approx(lo, abs=1e-4)
@@ -37,16 +44,16 @@ def test_tarnowski_density_integrates_to_the_moments():
     """The numerically solved density has mass 1, moments e^c, (1+2c)e^{2c}, E log λ = 0."""
     with jax.enable_x64(True):
         for c in (0.25, 1.0):
-            lo, hi = tarnowski.spectrum_edges(c)
+            lo, hi = resnet_spectrum.spectrum_edges(c)
             t = np.linspace(np.log(float(lo)), np.log(float(hi)), 3001)
             g = np.exp(t)
-            w = np.asarray(jax.jit(tarnowski.density, static_argnums=())(g, c)) * g
-            m = tarnowski.tarnowski_moments(c)
+            w = np.asarray(jax.jit(resnet_spectrum.density, static_argnums=())(g, c)) * g
+            m = resnet_spectrum.tarnowski_moments(c)
             assert np.trapezoid(w, t) == pytest.approx(1.0, abs=1e-4)
             assert np.trapezoid(w * g, t) == pytest.approx(float(m.phi), rel=1e-4)
             assert np.trapezoid(w * g * g, t) == pytest.approx(float(m.phi2), rel=1e-4)
             assert abs(np.trapezoid(w * t, t)) < 1e-5
-            outside = np.asarray(tarnowski.density(np.array([0.8 * lo, 1.2 * hi]), c))
+            outside = np.asarray(resnet_spectrum.density(np.array([0.8 * lo, 1.2 * hi]), c))
             assert np.all(outside < 1e-6)
 
 
@@ -74,7 +81,7 @@ def test_tarnowski_moments_linear_resnet(c):
         return m.phi, m.phi2
 
     meas = pool_inits(*jax.lax.map(one, jax.random.split(jax.random.key(0), seeds)))
-    law = tarnowski.tarnowski_moments(c)
+    law = resnet_spectrum.tarnowski_moments(c)
     finite = predict(Repeat(Residual(C.dense_gaussian(N, N, sigma2=c / (N * L))), L))
     for name, lawv, fin, mv, se in (
         ("phi", law.phi, finite.phi, meas.phi, meas.phi_sem),
@@ -95,7 +102,7 @@ def _ks_distance(ev, c):
     """Kolmogorov–Smirnov distance sup |F_emp − F_pred| between the exact eigenvalues
     and the predicted spectral CDF (the integrated Tarnowski density)."""
     ev = np.sort(ev)
-    F = np.asarray(tarnowski.cdf(ev, c, num_points=801))
+    F = np.asarray(resnet_spectrum.cdf(ev, c, num_points=801))
     n = len(ev)
     return max(np.max(np.arange(1, n + 1) / n - F), np.max(F - np.arange(n) / n))
 
@@ -107,12 +114,12 @@ def _check_spectrum(N, L, c, key):
     # for the sampling part; it also covers the O(1/N) edge effects.
     ks = _ks_distance(ev, c)
     assert ks < 1.63 / math.sqrt(N), ks
-    # The robust invariants of theory §14.1 (within about 1% there).
+    # The robust invariants of derivations §14.1 (within about 1% there).
     assert abs(np.log(ev).mean()) < 0.02
     assert np.log(ev.mean()) - np.log(ev).mean() == pytest.approx(c, rel=0.03)
     assert abs((ev < 1).mean() - 0.5) < 0.02
     # λ_min: finite-N edge fluctuations scale like N^(−2/3) (Tracy–Widom)
-    lo = float(tarnowski.spectrum_edges(c)[0])
+    lo = float(resnet_spectrum.spectrum_edges(c)[0])
     assert ev.min() == pytest.approx(lo, rel=3 * N ** (-2 / 3))
     return ks
 
@@ -131,10 +138,10 @@ def test_tarnowski_c_from_branches():
     # ReLU branch with σ² = 2: c = σ²/2 = 1; linear: c = σ²
     L = 10
     relu_phi = float(C.relu().moments(1.0).phi) * 2.0 / L
-    assert float(tarnowski.resnet_c([relu_phi] * L)) == pytest.approx(1.0)
+    assert float(resnet_spectrum.resnet_c([relu_phi] * L)) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="c must be"):
-        tarnowski.tarnowski_moments(-1.0)
-    # theory §14.1 "c per activation" table at q = 0.25 / 1 / 2 (σ² = 1)
+        resnet_spectrum.tarnowski_moments(-1.0)
+    # derivations §14.1 "c per activation" table at q = 0.25 / 1 / 2 (σ² = 1)
     table = {
         "tanh": (C.tanh(), (0.7174, 0.4644, 0.3495)),
         "sigmoid": (C.sigmoid(), (0.0560, 0.0448, 0.0370)),
@@ -142,9 +149,9 @@ def test_tarnowski_c_from_branches():
     }
     for act, values in table.values():
         for q, want in zip((0.25, 1.0, 2.0), values, strict=True):
-            got = float(tarnowski.resnet_c_for_activation(1.0, act, q))
+            got = float(resnet_spectrum.resnet_c_for_activation(1.0, act, q))
             assert got == pytest.approx(want, abs=5e-5), (act, q)
-    assert float(tarnowski.resnet_c_for_activation(2.0, C.relu())) == pytest.approx(1.0)
+    assert float(resnet_spectrum.resnet_c_for_activation(2.0, C.relu())) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -156,11 +163,11 @@ def test_luther_table_values():
     table = {1: 0.6817, 2: 0.5063, 3: 0.3952, 5: 0.2641, 10: 0.1285, 20: 0.0516, 50: 0.0121,
              100: 0.00358, 200: 0.00098}
     with jax.enable_x64(True):
-        f = np.asarray(luther.sample_variance_fractions(200))
+        f = np.asarray(sample_variance.sample_variance_fractions(200))
     for k, v in table.items():
         assert f[k - 1] == pytest.approx(v, abs=_half_digit(v))
-    assert float(luther.sample_variance_asymptote(100)) == pytest.approx(0.00444, abs=5e-6)
-    assert float(luther.sample_variance_asymptote(200)) == pytest.approx(0.00111, abs=5e-6)
+    assert float(sample_variance.sample_variance_asymptote(100)) == pytest.approx(0.00444, abs=5e-6)
+    assert float(sample_variance.sample_variance_asymptote(200)) == pytest.approx(0.00111, abs=5e-6)
 
 
 def _half_digit(v):
@@ -190,7 +197,7 @@ def test_luther_fractions_width_1024():
 
     frac = np.asarray(jax.lax.map(net, jax.random.split(jax.random.key(7), nets)))
     mean, se = frac.mean(0), frac.std(0, ddof=1) / math.sqrt(nets)
-    pred = np.asarray(luther.sample_variance_fractions(K))
+    pred = np.asarray(sample_variance.sample_variance_fractions(K))
     for k in (1, 2, 5, 10):
         tol = 4 * se[k - 1] + k / N
         assert abs(mean[k - 1] - pred[k - 1]) < tol, (k, mean[k - 1], pred[k - 1], tol)
@@ -206,18 +213,18 @@ def test_orvieto_table_values():
     lin = {8: -0.1302, 16: -0.0638, 32: -0.0316, 64: -0.0157, 128: -0.0078}
     with jax.enable_x64(True):
         for d in relu:
-            assert float(orvieto.relu_log_norm_rate(d)) == pytest.approx(relu[d], abs=5e-5)
-            assert float(orvieto.linear_log_norm_rate(d)) == pytest.approx(lin[d], abs=5e-5)
-            assert float(orvieto.linear_log_norm_rate(d)) == pytest.approx(
+            assert float(log_norms.relu_log_norm_rate(d)) == pytest.approx(relu[d], abs=5e-5)
+            assert float(log_norms.linear_log_norm_rate(d)) == pytest.approx(lin[d], abs=5e-5)
+            assert float(log_norms.linear_log_norm_rate(d)) == pytest.approx(
                 -1 / d - 1 / (3 * d * d), abs=2 / d**3)
-        assert orvieto.CHAIN_MEAN_LOG_ABS_W == pytest.approx(-0.6352, abs=5e-5)
-        assert orvieto.CHAIN_VAR_LOG_ABS_W == pytest.approx(1.234, abs=5e-4)
-        law = orvieto.log_norm_law(16, 16)
+        assert log_norms.CHAIN_MEAN_LOG_ABS_W == pytest.approx(-0.6352, abs=5e-5)
+        assert log_norms.CHAIN_VAR_LOG_ABS_W == pytest.approx(1.234, abs=5e-4)
+        law = log_norms.log_norm_law(16, 16)
         assert float(law.mean_log) == pytest.approx(-1.021, abs=5e-4)  # table: (−1.021)
-        assert float(orvieto.log_norm_law(64, 64, activation="relu").mean_log) == pytest.approx(
+        assert float(log_norms.log_norm_law(64, 64, activation="relu").mean_log) == pytest.approx(
             -2.57, abs=5e-3)
     with pytest.raises(ValueError, match="activation"):
-        orvieto.log_norm_law(16, 4, activation="gelu")
+        log_norms.log_norm_law(16, 4, activation="gelu")
 
 
 @pytest.mark.parametrize("d", [16, 64])
@@ -237,7 +244,7 @@ def test_orvieto_linear_log_norm_law(d):
 
     xL = jax.lax.scan(layer, x0, keys[1:])[0]
     logs2 = np.asarray(jnp.log(jnp.sum(xL**2, -1) / jnp.sum(x0**2, -1)))
-    law = orvieto.log_norm_law(d, L)
+    law = log_norms.log_norm_law(d, L)
     for logs in logs2:
         se = logs.std(ddof=1) / math.sqrt(seeds)
         assert abs(logs.mean() - float(law.mean_log)) < 4 * se, (logs.mean(), float(law.mean_log))
@@ -250,7 +257,7 @@ def test_orvieto_linear_log_norm_law(d):
 @pytest.mark.slow
 def test_orvieto_relu_per_layer_rate_d64():
     """ReLU He net, d = L = 64, 2000 nets: mean of ln(‖x_L‖²/‖x₀‖²) vs L·E ln R (exact law
-    given K ≥ 1; K = 0 has probability 2⁻⁶⁴). theory §14.3 MC: −2.55 vs −2.57."""
+    given K ≥ 1; K = 0 has probability 2⁻⁶⁴). derivations §14.3 MC: −2.55 vs −2.57."""
     d, L, seeds = 64, 64, 2000
     keys = jax.random.split(jax.random.key(0), L + 1)
     x0 = jax.random.normal(keys[0], (seeds, d))
@@ -263,7 +270,7 @@ def test_orvieto_relu_per_layer_rate_d64():
     logs = np.asarray(jnp.log(jnp.sum(xL**2, -1) / jnp.sum(x0**2, -1)))
     assert np.all(np.isfinite(logs))
     se = logs.std(ddof=1) / math.sqrt(seeds)
-    pred = L * float(orvieto.relu_log_norm_rate(d))
+    pred = L * float(log_norms.relu_log_norm_rate(d))
     assert abs(logs.mean() - pred) < 4 * se, (logs.mean(), se, pred)
     assert logs.var(ddof=1) == pytest.approx(L * 5.0 / d, rel=0.15)  # Var ln R ≈ 5/d
 
@@ -282,20 +289,22 @@ def _haar_np(rng, count, d):
 def test_isometry_gap_basics():
     with jax.enable_x64(True):
         O = jnp.asarray(_haar_np(np.random.default_rng(0), 1, 8)[0])
-        assert float(meterez.isometry_gap(3.0 * O)) == pytest.approx(0.0, abs=1e-10)
+        assert float(bn_isometry.isometry_gap(3.0 * O)) == pytest.approx(0.0, abs=1e-10)
         X = jnp.diag(jnp.array([1.0, 2.0, 4.0]))
         ev = np.array([1.0, 4.0, 16.0])
-        assert float(meterez.isometry_gap(X)) == pytest.approx(
+        assert float(bn_isometry.isometry_gap(X)) == pytest.approx(
             np.log(ev.mean()) - np.log(ev).mean())
-        assert float(meterez.isometry(X)) == pytest.approx(np.exp(np.log(ev).mean()) / ev.mean())
-        assert np.isinf(float(meterez.isometry_gap(jnp.ones((3, 3)))))
-        assert float(meterez.theorem1_bound(1.0, 4, 0)) == pytest.approx(1.0)
-        assert float(meterez.theorem1_bound(1.0, 4, 80)) == pytest.approx(math.exp(-1.0))
-        assert meterez.bn_relu_explosion_rate() == pytest.approx(1.4669, abs=5e-5)
-        assert math.sqrt(meterez.bn_relu_explosion_rate()) == pytest.approx(1.2112, abs=5e-5)
-        assert 0.5 * math.log(meterez.bn_relu_explosion_rate()) == pytest.approx(0.1916, abs=5e-5)
+        geo_over_arith = np.exp(np.log(ev).mean()) / ev.mean()
+        assert float(bn_isometry.isometry(X)) == pytest.approx(geo_over_arith)
+        assert np.isinf(float(bn_isometry.isometry_gap(jnp.ones((3, 3)))))
+        assert float(bn_isometry.theorem1_bound(1.0, 4, 0)) == pytest.approx(1.0)
+        assert float(bn_isometry.theorem1_bound(1.0, 4, 80)) == pytest.approx(math.exp(-1.0))
+        assert bn_isometry.bn_relu_explosion_rate() == pytest.approx(1.4669, abs=5e-5)
+        assert math.sqrt(bn_isometry.bn_relu_explosion_rate()) == pytest.approx(1.2112, abs=5e-5)
+        rate = bn_isometry.bn_relu_explosion_rate()
+        assert 0.5 * math.log(rate) == pytest.approx(0.1916, abs=5e-5)
     with pytest.raises(ValueError, match="2-D"):
-        meterez.isometry_gap(jnp.ones(3))
+        bn_isometry.isometry_gap(jnp.ones(3))
 
 
 def test_meterez_theorem3_and_near_isometry_rate():
@@ -303,31 +312,31 @@ def test_meterez_theorem3_and_near_isometry_rate():
     the orthogonal-BN chain decays at the [derived] rate ln(d/(d+2)) per layer."""
     d = 16
     with jax.enable_x64(True):
-        X = meterez.meterez_bn(jax.random.normal(jax.random.key(1), (d, d)))
+        X = bn_isometry.meterez_bn(jax.random.normal(jax.random.key(1), (d, d)))
         rng = np.random.default_rng(2)
         Ws = jnp.asarray(_haar_np(rng, 200, d))
-        ratios = jax.vmap(lambda W: meterez.isometry(meterez.meterez_bn(W @ X)))(Ws)
+        ratios = jax.vmap(lambda W: bn_isometry.isometry(bn_isometry.meterez_bn(W @ X)))(Ws)
         mean, se = float(ratios.mean()), float(ratios.std() / math.sqrt(len(ratios)))
-        bound = float(meterez.theorem3_factor(X) * meterez.isometry(X))
+        bound = float(bn_isometry.theorem3_factor(X) * bn_isometry.isometry(X))
         assert mean - 4 * se > bound  # E_W 𝓘(BN(WX)) ≥ factor · 𝓘(X)
-        assert float(meterez.corollary4_bound(X)) < float(meterez.isometry_gap(X))
+        assert float(bn_isometry.corollary4_bound(X)) < float(bn_isometry.isometry_gap(X))
 
         # near-isometry decay: slope of ln gap over layers 10..50, mean over 4 chains
         L = 50
 
         def chain(X, Ws):
             def step(X, W):
-                X = meterez.meterez_bn(W @ X)
-                return X, meterez.isometry_gap(X)
+                X = bn_isometry.meterez_bn(W @ X)
+                return X, bn_isometry.isometry_gap(X)
 
-            return jax.lax.scan(step, meterez.meterez_bn(X), Ws)[1]
+            return jax.lax.scan(step, bn_isometry.meterez_bn(X), Ws)[1]
 
         X0 = jnp.asarray(rng.standard_normal((4, d, d)))
         gaps = np.asarray(jax.vmap(chain)(X0, jnp.asarray(_haar_np(rng, 4 * L, d)).reshape(
             4, L, d, d)))
         layers = np.arange(10, L)
         slopes = [np.polyfit(layers, np.log(g[10:]), 1)[0] for g in gaps]
-        pred = math.log(meterez.near_isometry_rate(d))
+        pred = math.log(bn_isometry.near_isometry_rate(d))
         se = np.std(slopes, ddof=1) / 2
         assert abs(np.mean(slopes) - pred) < 4 * se + 0.1 * abs(pred), (slopes, pred)
 
@@ -335,7 +344,7 @@ def test_meterez_theorem3_and_near_isometry_rate():
 @pytest.mark.slow
 def test_bn_relu_explosion_rate():
     """Gaussian Kaiming weights + mean-centred BN + ReLU, width = batch = 256: per-layer
-    growth of the mean squared input gradient vs π/(π−1). theory §14.2 measured 1.441 at
+    growth of the mean squared input gradient vs π/(π−1). derivations §14.2 measured 1.441 at
     256 (approaching from below as B grows); tolerance 4·SE + that finite-B gap (0.03)."""
     n = B = 256
     depth = 40
@@ -372,4 +381,4 @@ def test_bn_relu_explosion_rate():
     g2 = np.asarray(jax.lax.map(net_grads, jax.random.split(jax.random.key(0), 3)))
     rates = np.exp(-np.array([np.polyfit(np.arange(5, 35), np.log(g[5:35]), 1)[0] for g in g2]))
     se = rates.std(ddof=1) / math.sqrt(len(rates))
-    assert abs(rates.mean() - meterez.bn_relu_explosion_rate()) < 4 * se + 0.03, rates
+    assert abs(rates.mean() - bn_isometry.bn_relu_explosion_rate()) < 4 * se + 0.03, rates

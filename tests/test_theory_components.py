@@ -1,4 +1,4 @@
-"""Component library (theory §8): pinned table values, independent quadrature,
+"""Component library (derivations §8): pinned table values, independent quadrature,
 and single-layer Jacobians measured with the library's probes."""
 
 import math
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from gne_jax.moments import jacobian_moments
+from gne_jax.probes.moments import jacobian_moments
 from gne_jax.theory import components as C
 from gne_jax.theory import pool_inits, predict
 
-# theory §8.1: q, tanh φ, tanh ϕ, sigmoid φ, sigmoid ϕ
+# derivations §8.1: q, tanh φ, tanh ϕ, sigmoid φ, sigmoid ϕ
 TANH_TABLE = [
     (0.01, 0.9807, 0.00070, 0.06219, 2e-7),
     (0.1, 0.8492, 0.02864, 0.05962, 1.4e-5),
@@ -79,7 +79,7 @@ def test_smooth_activation_matches_closed_forms():
 
 
 def test_selu_row_and_shared_solver():
-    from gne_jax.activations import selu_derivative_moment, selu_second_moment
+    from gne_jax.nn.activations import selu_derivative_moment, selu_second_moment
     from gne_jax.theory import depth_aware_selu, selu_coefficients
 
     with jax.enable_x64(True):
@@ -103,7 +103,7 @@ def test_selu_row_and_shared_solver():
 
 def test_activation_table_values():
     with jax.enable_x64(True):
-        # theory §9: r_act for leaky ReLU 0.18 / 0.3 / 0.5
+        # derivations §9: r_act for leaky ReLU 0.18 / 0.3 / 0.5
         for a, r in ((0.18, 0.878), (0.3, 0.697), (0.5, 0.360)):
             assert abs(float(C.leaky_relu(a).moments(1.0).normalized_variance) - r) < 5e-4
         m = C.prelu(0.25).moments(1.0)  # PReLU at init
@@ -155,7 +155,7 @@ def test_normalization_rows_exact_against_jacobian():
 
 def test_linear_rows_measured():
     """Dense Gaussian, orthogonal (both shapes), dropout and pooling against the probes."""
-    from gne_jax.initializers import kaiming_normal, orthogonal
+    from gne_jax.nn.initializers import kaiming_normal, orthogonal
 
     n, m = 300, 150
     keys = jax.random.split(jax.random.key(2), 16)
@@ -195,7 +195,7 @@ def test_linear_rows_measured():
 
 def test_conv_and_delta_orthogonal_rows():
     """Gaussian conv (circular, stride 1) and delta-orthogonal conv against the probes."""
-    from gne_jax.initializers import delta_orthogonal
+    from gne_jax.nn.initializers import delta_orthogonal
 
     H, c_in, c_out, k = 8, 8, 16, 3
 
@@ -215,7 +215,7 @@ def test_conv_and_delta_orthogonal_rows():
 
     meas = pool_inits(*jax.lax.map(one, jax.random.split(jax.random.key(6), 8)))
     pred = C.conv_gaussian(c_in, c_out, k, gain=math.sqrt(2.0)).moments(1.0)
-    fw = 1.0 / (c_in * k * k)  # theory §8: ϕ/φ² ≈ c_out/c_in + O(1/fan_in)
+    fw = 1.0 / (c_in * k * k)  # derivations §8: ϕ/φ² ≈ c_out/c_in + O(1/fan_in)
     assert abs(float(meas.phi - pred.phi)) < 4 * float(meas.phi_sem) + 1e-6
     assert abs(float(meas.varphi - pred.varphi)) < 4 * float(meas.varphi_sem) + fw * float(
         pred.varphi)
@@ -238,7 +238,7 @@ def test_concat_row():
 
     cf, cx = 600, 400
     pred = predict(Concat(C.dense_gaussian(cx, cf, sigma2=1.3 / cx), cf, cx))
-    # theory §8 check: 600 + 400 channels, Gaussian J_f (φ_f = 1.3): φ 1.18, φ₂ 4.498
+    # derivations §8 check: 600 + 400 channels, Gaussian J_f (φ_f = 1.3): φ 1.18, φ₂ 4.498
     assert float(pred.phi) == pytest.approx(1.18, abs=1e-4)
     assert float(pred.phi2) == pytest.approx(4.498, abs=2e-3)
 

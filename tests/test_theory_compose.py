@@ -3,7 +3,7 @@
 Every prediction is compared with `gne_jax.jacobian_moments` pooled over
 independent initializations (`pool_inits`: the SE includes init-to-init
 variance). Tolerance = 4·SE + a finite-width allowance FW·|prediction| with
-FW = Σ 1/widthᵢ over the free factors (theory §3/§15: freeness and the
+FW = Σ 1/widthᵢ over the free factors (derivations §3/§15: freeness and the
 (m+1)/n-type corrections are O(1/width)).
 """
 
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gne_jax.initializers import kaiming_normal, orthogonal
-from gne_jax.moments import jacobian_moments
+from gne_jax.nn.initializers import kaiming_normal, orthogonal
+from gne_jax.probes.moments import jacobian_moments
 from gne_jax.theory import compare, per_block, pool_inits, predict
 from gne_jax.theory import components as C
 from gne_jax.theory.compose import Parallel, Residual, Serial
@@ -144,7 +144,7 @@ def _measure_act(haar_stack, gain, act, probes=32):
 
 def test_leaky_relu_rows(haar_stack):
     for slope in (0.18, 0.3, 0.5):
-        gain = np.sqrt(2.0 / (1 + slope**2))  # theory §9: the gain giving block φ = 1
+        gain = np.sqrt(2.0 / (1 + slope**2))  # derivations §9: the gain giving block φ = 1
         pred = predict(Serial((C.orthogonal(NO, NO, gain=gain), C.leaky_relu(slope))))
         assert abs(float(pred.phi) - 1.0) < 1e-5
         r_act = ((1 - slope**2) / (1 + slope**2)) ** 2
@@ -184,7 +184,7 @@ def test_q_map_deep_tanh_matches_forward_pass():
     # One network's q wanders by ~2-5% at layer 16 (the product of 16 random layers,
     # see docs/theory.md); the mean over 6 networks stays within 4%.
     np.testing.assert_allclose(np.asarray(qs), pq, rtol=0.04)
-    # theory §8.1: q_l ≈ 1/(2l) asymptotically
+    # derivations §8.1: q_l ≈ 1/(2l) asymptotically
     assert abs(pq[-1] * 2 * depth - 1) < 0.3
 
 

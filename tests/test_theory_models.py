@@ -1,6 +1,6 @@
 """Predictions from model configs beside ensemble measurements with the library's probes.
 
-The measurement is `gne_jax.ensemble.ensemble_block_moments` (per-block Hutchinson
+The measurement is `gne_jax.probes.ensemble.ensemble_block_moments` (per-block Hutchinson
 probes over several initializations) pooled with `pool_inits`; the tolerance is
 4·SE plus a stated model allowance: 5% for the MLP family (finite width, Gaussian
 approximation of Kaiming rows), 15% of φ for the small conv nets (few channels,
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from gne_jax import iter_blocks
-from gne_jax.ensemble import ensemble_block_moments
 from gne_jax.models import create_model
+from gne_jax.probes.ensemble import ensemble_block_moments
 from gne_jax.theory import compare, pool_inits, predict_model
 
 
@@ -93,7 +93,7 @@ def test_closed_form_cases():
     # so a Kaiming ReLU block has φ = 2·½/(1 + ε)
     pred = predict_model(cfg, (B, 32), train=False)
     np.testing.assert_allclose(pred.phi[1:], 1 / (1 + 1e-5), rtol=1e-5)
-    # Fixup p = 2 (theory §13): branch φ ≈ 2·L^(−p) per block for conv·ReLU·conv
+    # Fixup p = 2 (derivations §13): branch φ ≈ 2·L^(−p) per block for conv·ReLU·conv
     cfg = dict(name="resnet_cifar", depth=56, normalization="none", fixup_p=2.0)
     pred = predict_model(cfg, (4, 32, 32, 3))
     L = 27

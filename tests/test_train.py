@@ -15,10 +15,10 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from gne_jax import input_pipeline, train
-from gne_jax.optim import FIXUP_SCALAR_PATTERN
-from gne_jax.training_checkpoint import Checkpointer, NonFiniteError, all_finite
-from gne_jax.training_config import base_config
+from gne_jax.training import input_pipeline, train
+from gne_jax.training.checkpoint import Checkpointer, NonFiniteError, all_finite
+from gne_jax.training.config import base_config
+from gne_jax.training.optim import FIXUP_SCALAR_PATTERN
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -292,7 +292,7 @@ def test_workdir_of_another_run_is_not_overwritten(tmp_path):
 
 def test_moments_hook_matches_exact_jacobian(tmp_path):
     from gne_jax.models import default_config
-    from gne_jax.moments import jacobian_moments
+    from gne_jax.probes.moments import jacobian_moments
 
     c = small_config(**{"num_epochs": 1, "moments_every_steps": 8, "moments_batch": 2,
                         "moments_num_probes": 64, "tensorboard": False})
@@ -334,7 +334,7 @@ CONFIGS = [
 @pytest.mark.parametrize("path,arg", CONFIGS)
 def test_configs_build_valid_models(path, arg):
     from gne_jax import models
-    from gne_jax.training_config import from_file
+    from gne_jax.training.config import from_file
 
     try:
         c = from_file(os.path.join(REPO, "configs", "train", path), arg)
@@ -354,7 +354,7 @@ def test_configs_build_valid_models(path, arg):
 
 
 def test_unknown_config_argument_says_what_is_valid():
-    from gne_jax.training_config import from_file
+    from gne_jax.training.config import from_file
 
     with pytest.raises(ValueError, match="fixup2_scalars"):
         from_file(os.path.join(REPO, "configs", "train", "cifar10_resnet56.py"), "gn")
@@ -379,7 +379,7 @@ def test_command_line(tmp_path):
 
 @pytest.mark.slow
 def test_mock_imagenet_resnet50_smn_end_to_end(tmp_path):
-    from gne_jax.training_config import from_file
+    from gne_jax.training.config import from_file
 
     c = from_file(os.path.join(REPO, "configs", "train", "imagenet_resnet50.py"), "smn_mixup")
     c.dataset.image_size = 32

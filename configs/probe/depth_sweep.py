@@ -1,7 +1,7 @@
 """φ and ϕ against depth for tanh MLPs: Gaussian vs orthogonal weights.
 
 By the serial theorem the end-to-end ϕ/φ² grows about linearly in depth with Gaussian
-weights and stays near the activation term with orthogonal ones (theory §3, §9).
+weights and stays near the activation term with orthogonal ones (derivations §3, §9).
 
     python -m gne_jax.probe --config configs/probe/depth_sweep.py --workdir runs/depth
 """

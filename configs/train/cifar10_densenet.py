@@ -1,4 +1,4 @@
-"""CIFAR-10 DenseNet-BC (GNE paper §7.6; experiments.md §1.3-1.4).
+"""CIFAR-10 DenseNet-BC (GNE paper §7.6; setups §1.3-1.4).
 
 Argument: the normalization (``batchnorm``, ``smn``, ``sws``, ``none``) and
 optionally an activation and initializer, e.g. ``none,leaky_relu,orthogonal``:
@@ -10,7 +10,7 @@ by value 2.0, weight decay 5e-4 on conv/linear weights and biases.
 """
 
 from gne_jax.models import default_config
-from gne_jax.training_config import base_config
+from gne_jax.training.config import base_config
 
 
 def get_config(arg: str = "batchnorm"):

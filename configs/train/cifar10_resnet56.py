@@ -1,4 +1,4 @@
-"""CIFAR-10 ResNet-56 (GNE paper §7.7; experiments.md §1.3, §1.4, §1.7).
+"""CIFAR-10 ResNet-56 (GNE paper §7.7; setups §1.3, §1.4, §1.7).
 
 Runs, chosen by the argument:
 
@@ -15,8 +15,8 @@ Fixup scalars: 1e-4 on all parameters and the scalars at lr/10.
 """
 
 from gne_jax.models import default_config
-from gne_jax.optim import FIXUP_SCALAR_PATTERN
-from gne_jax.training_config import base_config
+from gne_jax.training.config import base_config
+from gne_jax.training.optim import FIXUP_SCALAR_PATTERN
 
 
 def get_config(arg: str = "bn"):

@@ -1,4 +1,4 @@
-"""CIFAR-10, 32-layer plain serial CNN (GNE paper §7.3-7.5; experiments.md §1.3-1.4).
+"""CIFAR-10, 32-layer plain serial CNN (GNE paper §7.3-7.5; setups §1.3-1.4).
 
 Pick the run with ``init,activation,normalization[,negative_slope]``:
 
@@ -15,7 +15,7 @@ Pick the run with ``init,activation,normalization[,negative_slope]``:
 """
 
 from gne_jax.models import default_config
-from gne_jax.training_config import base_config
+from gne_jax.training.config import base_config
 
 
 def get_config(arg: str = "kaiming_normal,relu,none"):

@@ -6,7 +6,7 @@
 
 import os
 
-from gne_jax.training_config import from_file, smoke
+from gne_jax.training.config import from_file, smoke
 
 
 def get_config(arg: str = "kaiming_normal,relu,batchnorm"):

@@ -1,4 +1,4 @@
-"""ImageNet ResNet-50, BatchNorm vs SMN (experiments.md §1.8).
+"""ImageNet ResNet-50, BatchNorm vs SMN (setups §1.8).
 
 Arguments: ``bn``, ``bn_mixup``, ``smn_mixup`` (the paper's SMN run), ``smn``.
 Needs ``imagenet2012`` prepared as array_record from the manual download:
@@ -12,7 +12,7 @@ Needs ``imagenet2012`` prepared as array_record from the manual download:
 """
 
 from gne_jax.models import default_config
-from gne_jax.training_config import base_config
+from gne_jax.training.config import base_config
 
 
 def get_config(arg: str = "bn"):

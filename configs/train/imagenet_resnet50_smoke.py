@@ -2,7 +2,7 @@
 
 import os
 
-from gne_jax.training_config import from_file, smoke
+from gne_jax.training.config import from_file, smoke
 
 
 def get_config(arg: str = "bn"):

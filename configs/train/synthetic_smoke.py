@@ -5,7 +5,7 @@
 
 import os
 
-from gne_jax.training_config import from_file
+from gne_jax.training.config import from_file
 
 
 def get_config():

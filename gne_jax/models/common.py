@@ -6,7 +6,7 @@ the run of blocks is scanned). The same specs drive
 
 * ``__call__``: single blocks are applied once, runs of identical blocks with
   ``nn.scan`` (parameters stacked on a leading axis, compile time flat in depth);
-* ``blocks(variables, x, train=...)``: one :class:`~gne_jax.blocks.BlockGroup` per
+* ``blocks(variables, x, train=...)``: one :class:`~gne_jax.probes.blocks.BlockGroup` per
   stage whose ``apply`` is the same module applied to one slice of the stacked
   variables, so composing the groups reproduces ``model.apply`` exactly.
 
@@ -28,14 +28,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gne_jax import activations as _act
-from gne_jax import initializers as _init
-from gne_jax import normalization as _norm
-from gne_jax.blocks import BlockGroup, single_block
+from gne_jax.nn import activations as _act
+from gne_jax.nn import initializers as _init
+from gne_jax.nn import normalization as _norm
+from gne_jax.probes.blocks import BlockGroup, single_block
 
 Array = jax.Array
 
-# PyTorch's BN momentum 0.1 is Flax's 0.9 (anchors §5.1); ε as in PyTorch.
+# PyTorch's BN momentum 0.1 is Flax's 0.9 (Flax keeps the old average's weight); ε as in PyTorch.
 NORM_MOMENTUM = 0.9
 NORM_EPSILON = 1e-5
 
@@ -134,7 +134,7 @@ def to_config_dict(name: str, defaults: Mapping[str, Any]) -> ml_collections.Con
 ACTIVATION_DEFAULTS = {
     "activation": "relu",
     "negative_slope": 0.18,  # leaky ReLU slope (the reference code's default)
-    "selu_epsilon": 0.03,  # depth-aware SELU: per-block φ excess ε (theory §11)
+    "selu_epsilon": 0.03,  # depth-aware SELU: per-block φ excess ε (derivations §11)
     "selu_gamma0": 1.0,  # depth-aware SELU: γ₀ = gain² of the weights
 }
 SHAPED = ("shaped_tanh", "shaped_sin")
@@ -142,7 +142,7 @@ SHAPED = ("shaped_tanh", "shaped_sin")
 
 @dataclasses.dataclass(frozen=True)
 class ActivationSpec:
-    """An activation of :mod:`gne_jax.activations` with its config parameters."""
+    """An activation of :mod:`gne_jax.nn.activations` with its config parameters."""
 
     name: str = "relu"
     negative_slope: float = 0.18
@@ -167,15 +167,15 @@ class ActivationSpec:
         return act() if _act.is_learned(self.name) else act
 
     def gain(self) -> float:
-        """Default weight gain (theory §9): gain²·φ_act = 1."""
+        """Default weight gain (derivations §9): gain²·φ_act = 1."""
         if self.name in ("relu", "prelu", "sprelu", "leaky_relu", "tanh", "linear", "selu"):
             return _init.activation_gain(self.name, self.negative_slope)
         if self.name == "selu_depth_aware":
-            return math.sqrt(self.selu_gamma0)  # γ₀ = gain² (theory §11.1)
+            return math.sqrt(self.selu_gamma0)  # γ₀ = gain² (derivations §11.1)
         if self.name in SHAPED:
             return 1.0  # σ'(0) = 1
         if self.name == "sigmoid":
-            return 4.0  # φ_sigmoid → 1/16 for small inputs (theory §8)
+            return 4.0  # φ_sigmoid → 1/16 for small inputs (derivations §8)
         raise ValueError(f"No default gain for activation {self.name!r}; set `gain`.")
 
 
@@ -250,7 +250,7 @@ class NormSpec:
         """The convolution of this scheme: plain, centred (SMN), sWS or weight-normalized.
 
         ``gain`` is the layer's intended gain: sWS rows get squared norm gain², the
-        weight-norm scale starts at gain (theory §10).
+        weight-norm scale starts at gain (derivations §10).
         """
         k = (kernel_size, kernel_size)
         s = (strides, strides)

@@ -1,4 +1,4 @@
-"""DenseNet-BC for CIFAR as in the GNE paper's code (experiments.md §1.3).
+"""DenseNet-BC for CIFAR as in the GNE paper's code (setups §1.3).
 
 Stem conv3×3 (3 → 2k); three dense blocks of 8 bottlenecks
 ``h ↦ [f(h), h]`` with f = norm → act → conv1×1 (4k) → norm → act → conv3×3 (k),
@@ -12,7 +12,7 @@ Blocks: ``stem``; ``stage{s}.block{i}``; ``transition{s}``; ``head``. The
 bottlenecks change the channel count, so each is its own group. A bottleneck
 sets ``branch(h) = [f(h), 0]`` and ``shortcut(h) = [0, h]``: the concatenation
 written as a sum of zero-padded parts, whose Jacobian blocks are orthogonal
-(theory §8, concatenation row).
+(derivations §8, concatenation row).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Blocks (names in ``model.blocks``):
   with N the normalization (identity for "none") and a = ``residual_scale``;
 * ``head``: linear readout to ``num_classes`` (absent when ``num_classes`` is None).
 
-The Meterez et al. construction (theory §14.2) is ``init="orthogonal"``,
+The Meterez et al. construction (derivations §14.2) is ``init="orthogonal"``,
 ``normalization="meterez"``, ``activation`` one of linear / shaped_tanh /
 shaped_sin (gain α_ℓ = ℓ^(−shaped_exponent) at hidden layer ℓ = 1..depth) and a
 batch equal to the width.
@@ -22,8 +22,8 @@ from __future__ import annotations
 import flax.linen as nn
 import numpy as np
 
-from gne_jax import activations as _act
 from gne_jax.models import common as C
+from gne_jax.nn import activations as _act
 
 RESIDUALS = ("none", "pre", "post")
 

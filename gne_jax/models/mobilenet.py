@@ -1,4 +1,4 @@
-"""Conv-MobileNet V1 of the GNE paper's ImageNet runs (experiments.md §1.8).
+"""Conv-MobileNet V1 of the GNE paper's ImageNet runs (setups §1.8).
 
 MobileNet V1 with every depthwise-separable block replaced by one dense 3×3
 conv: conv(3 → 32, stride 2), then 13 conv3×3 with widths 64, 128, 128, 256,

@@ -8,7 +8,7 @@ pooling and fc 2048 → 1000. 25,557,032 parameters with BN.
 
 Normalization: "batchnorm", "smn" / "smn_l1" (centred convs everywhere, as in
 the reference ``resnet_mn.py``), and the other options of ``NORMALIZATIONS``.
-With ``normalization="none"``, ``fixup`` selects the initialization of theory §13
+With ``normalization="none"``, ``fixup`` selects the initialization of derivations §13
 (L = 16 blocks, m = 3 convs per branch):
 
 =============  ==============================  ==============================
@@ -152,7 +152,7 @@ class ResNet50(C.BlockModel):
         return self.fixup != "none" and self.fixup_scalars
 
     def _inits(self):
-        """(conv1/conv2, conv3, projection) initializers (theory §13 table)."""
+        """(conv1/conv2, conv3, projection) initializers (derivations §13 table)."""
         L, m = sum(self.stage_sizes), 3
         kn = lambda g, mode: C.kernel_init("kaiming_normal", g, mode=mode)  # noqa: E731
         if self.fixup == "original":
@@ -247,7 +247,7 @@ def from_config(cfg: dict) -> ResNet50:
             )
         if init != "kaiming_normal":
             raise ValueError(
-                f"Fixup sets Gaussian inits (theory §13): it needs init='kaiming_normal'; "
+                f"Fixup sets Gaussian inits (derivations §13): it needs init='kaiming_normal'; "
                 f"got init={init!r}."
             )
     p = C.check_float(cfg["fixup_p"], "fixup_p", positive=True)

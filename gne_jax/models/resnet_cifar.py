@@ -1,4 +1,4 @@
-"""CIFAR ResNets of depth 6n + 2 (ResNet-56: n = 9), experiments.md §1.3 and §1.7.
+"""CIFAR ResNets of depth 6n + 2 (ResNet-56: n = 9), setups §1.3 and §1.7.
 
 BasicBlocks [n, n, n] with widths 16/32/64; branch conv3×3 → norm → act →
 conv3×3 → norm; the activation after the addition; down-sampling shortcut
@@ -7,7 +7,7 @@ average pooling and a linear layer.
 
 Normalization: "batchnorm", "smn" / "smn_l1" (with centred convs), "none" and the
 others of ``NORMALIZATIONS``. With ``normalization="none"``, ``fixup_p=p`` gives
-the paper's Fixup re-derivation (theory §13): both branch convs get the init std
+the paper's Fixup re-derivation (derivations §13): both branch convs get the init std
 × L^(−p/(2m)) with L = 3n blocks and m = 2 convs per branch (the last conv is
 not zero); ``fixup_scalars=True`` adds Fixup's scalar biases before each conv and
 activation and a scalar multiplier (init 1) and bias at the branch end, plus a
@@ -53,7 +53,7 @@ NORMALIZATIONS = ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "me
 
 
 def fixup_scale(num_blocks: int, p: float | None, m: int) -> float:
-    """L^(−p/(2m)): the std factor of the branch convs in the paper's Fixup (theory §13)."""
+    """L^(−p/(2m)): the std factor of the branch convs in the paper's Fixup (derivations §13)."""
     return 1.0 if p is None else float(num_blocks) ** (-p / (2.0 * m))
 
 

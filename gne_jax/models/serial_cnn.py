@@ -1,4 +1,4 @@
-"""The GNE paper's serial (plain) CNN for CIFAR (experiments.md §1.3).
+"""The GNE paper's serial (plain) CNN for CIFAR (setups §1.3).
 
 conv3×3 (3→16) + act; three stages of 2n conv3×3 layers with widths 16/32/64,
 stride 2 at the first conv of stages 2 and 3; global average pooling (avg-pool 8

@@ -1,17 +1,26 @@
 """Theory side of gne_jax: predicted φ(JJᵀ) and ϕ(JJᵀ) beside measurements.
 
-* `components`: the component library of theory.md §8 (dense/conv/orthogonal
+* `components`: the component library of derivations §8 (dense/conv/orthogonal
   weights, activations incl. Gauss–Hermite for smooth ones, normalizations, ...);
 * `compose`: serial/parallel/residual composition nested to any depth with the
   forward second-moment map (`Serial`, `Parallel`, `Residual`, `Repeat`, `predict`);
 * `predict_model` (module `model_predict`): predictions from the library's own model configs;
-* companion results: `tarnowski`, `meterez`, `orvieto`, `luther`;
+* companion results, by topic: `resnet_spectrum` (the universal ResNet Jacobian spectrum),
+  `bn_isometry` (batch norm's isometry gap and gradient growth), `log_norms` (log-normal
+  gradient norms of deep chains), `sample_variance` (within-sample variance decay);
 * `compare`: predicted vs measured table with z-scores (and a plot).
 
 Light to import: numpy/jax only (matplotlib and the models load lazily).
 """
 
-from gne_jax.theory import components, compose, luther, meterez, orvieto, tarnowski  # noqa: F401
+from gne_jax.theory import (  # noqa: F401
+    bn_isometry,
+    components,
+    compose,
+    log_norms,
+    resnet_spectrum,
+    sample_variance,
+)
 from gne_jax.theory.compare import (  # noqa: F401
     Comparison,
     PooledMoments,
@@ -32,8 +41,8 @@ from gne_jax.theory.compose import (  # noqa: F401
 
 
 def selu_coefficients(epsilon, gamma0=1.0, q=1.0, **kwargs):
-    """(λ, α) of the depth-aware SELU (theory §11): the one solver, in `gne_jax.activations`."""
-    from gne_jax.activations import selu_coefficients as _solve  # lazy: pulls in flax
+    """(λ, α) of the depth-aware SELU (derivations §11), solved by `gne_jax.nn.activations`."""
+    from gne_jax.nn.activations import selu_coefficients as _solve  # lazy: pulls in flax
 
     return _solve(epsilon, gamma0, q, **kwargs)
 

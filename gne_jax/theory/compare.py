@@ -1,8 +1,8 @@
 """Predicted vs measured moments: a table with z-scores, and an optional plot.
 
-Measurements are `gne_jax.moments.JacobianMoments` (one initialization: the SE is
+Measurements are `gne_jax.probes.moments.JacobianMoments` (one initialization: the SE is
 probe noise only) or `PooledMoments` from `pool_inits` (several initializations:
-the SE includes init-to-init variance, and ϕ is the pooled ϕ of theory §1.1,
+the SE includes init-to-init variance, and ϕ is the pooled ϕ of derivations §1.1,
 E[φ₂] − (E φ)²).
 """
 
@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from gne_jax.ensemble import PooledMoments, pool_inits
+from gne_jax.probes.ensemble import PooledMoments, pool_inits
 from gne_jax.theory.components import Moments
 from gne_jax.theory.compose import Prediction
 

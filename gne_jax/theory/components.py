@@ -1,12 +1,12 @@
-"""The component library of theory.md §8: φ(JJᵀ) and ϕ(JJᵀ) of single layers.
+"""The component library of derivations §8: φ(JJᵀ) and ϕ(JJᵀ) of single layers.
 
 Every component is a `Component`: a pure function of the input second moment q
 (``moments(q) -> Moments`` and ``forward(q) -> q_out``, the q-map) plus the
 size ratio m/n of its output to its input, which the serial theorem needs
-(theory §3). Values are normalized by the output dimension m (theory §1.2).
+(derivations §3). Values are normalized by the output dimension m (derivations §1.2).
 Activations assume a zero-mean Gaussian input N(0, q) (p = ½ for ReLU-like
 activations unless given); linear components use the second-moment lemma
-(theory §6): for an isotropic input, ``q_out = φ · q_in``.
+(derivations §6): for an isotropic input, ``q_out = φ · q_in``.
 
 All formulas are written with ``jax.numpy`` so they work under ``jit``/``vmap``
 and in float64 when ``jax_enable_x64`` is on.
@@ -78,7 +78,7 @@ class Moments(NamedTuple):
 
     @property
     def normalized_variance(self) -> Array:
-        """ϕ/φ², the quantity that adds along a chain (theory §3)."""
+        """ϕ/φ², the quantity that adds along a chain (derivations §3)."""
         return self.varphi / self.phi**2
 
 
@@ -270,7 +270,7 @@ def conv_gaussian(
     φ = c_in·k_h·k_w·σ² in the interior; with ``input_hw`` the zero-padded borders are
     modelled exactly for φ (each output position keeps its fraction f of valid taps,
     φ_pos = fan_in·σ²·f). ϕ ≈ E[φ_pos²]·c_out/(c_in·stride²) + Var(φ_pos) (the
-    Marchenko–Pastur-like spread with the size ratio, theory §8, plus the spread of
+    Marchenko–Pastur-like spread with the size ratio, derivations §8, plus the spread of
     row norms across positions; strided convolutions are not checked in theory.md).
     ``centred`` (zero-mean filters, `CenteredConv`): fan_in → fan_in − 1 and the
     common input mean is removed.
@@ -332,7 +332,7 @@ def delta_orthogonal(c_in: int, c_out: int, *, gain=1.0, stride: int = 1,
     """Delta-orthogonal conv: centre tap a c_out × c_in Haar block, other taps 0.
 
     With ``scale_by_fan_ratio`` (the reference code; same flag as
-    `gne_jax.initializers.delta_orthogonal`) the block is multiplied by
+    `gne_jax.nn.initializers.delta_orthogonal`) the block is multiplied by
     gain·√(c_out/c_in): c_out ≥ c_in: φ = gain², ϕ = gain⁴(c_out/c_in − 1);
     c_out < c_in: φ = gain²·c_out/c_in, ϕ = 0. Without it the multiplier is ``gain``
     and the moments are those of `orthogonal` (per spatial position).
@@ -528,7 +528,7 @@ def smooth_activation(fn: Callable[[Array], Array], name: str = "activation", *,
 
 
 def selu_moments(lam, alpha, v) -> Moments:
-    """SELU(λ, α) with pre-activation N(0, v) (closed forms, theory §8 / §11).
+    """SELU(λ, α) with pre-activation N(0, v) (closed forms, derivations §8 / §11).
 
     φ = λ²/2 + λ²α²e^{2v}Φ(−2√v),  ϕ = λ⁴/2 + λ⁴α⁴e^{8v}Φ(−4√v) − φ².
     """
@@ -555,7 +555,7 @@ def selu(lam=1.0507009873554805, alpha=1.6732632423543772) -> Component:
     """SELU with given (λ, α); closed forms for a centred input (m = 0).
 
     For the depth-aware coefficients use ``gne_jax.theory.depth_aware_selu`` (the
-    solver is `gne_jax.activations.selu_coefficients`, one implementation).
+    solver is `gne_jax.nn.activations.selu_coefficients`, one implementation).
     """
     _check_positive("lam", lam)
     _check_positive("alpha", alpha, allow_zero=True)
@@ -572,7 +572,7 @@ def selu(lam=1.0507009873554805, alpha=1.6732632423543772) -> Component:
 
 
 # ---------------------------------------------------------------------------
-# Normalization (training mode: batch-coupled Jacobian, theory §1.4)
+# Normalization (training mode: batch-coupled Jacobian, derivations §1.4)
 # ---------------------------------------------------------------------------
 
 
@@ -594,6 +594,27 @@ def _jensen(rank, fan_in=None):
     return e1, e2
 
 
+def _batch_layer_args(what, M, minimum, gamma, eps, rank, fan_in):
+    """Checked (M, γ², ε, Jensen factors) of a batch-statistics layer over M values."""
+    M = _check_int("M", M)
+    if M < minimum:
+        raise ValueError(f"M must be >= {minimum} for {what}, got {M}")
+    _check_positive("eps", eps, allow_zero=True)
+    if rank is not None and int(rank) < 5:
+        raise ValueError(f"rank must be >= 5 (or None), got {rank!r}")
+    return M, _f(gamma) ** 2, _f(eps), _jensen(rank, fan_in)
+
+
+def _spiked_moments(M, n_big, big, ratio, corr) -> Moments:
+    """Moments of an M×M JJᵀ with ``n_big`` eigenvalues ``big``, one ``big·ratio`` and the
+    rest 0, times the channel-average factors ``corr = (c₁, c₂)``."""
+    c1, c2 = corr
+    small = big * ratio
+    phi = c1 * (n_big * big + small) / M
+    phi2 = c2 * (n_big * big**2 + small**2) / M
+    return Moments(phi, phi2 - phi**2)
+
+
 def batchnorm_train(M: int, *, gamma=1.0, eps=0.0, rank=None, fan_in=None) -> Component:
     """Batch norm in training mode, one channel of M values sharing the statistics.
 
@@ -608,22 +629,11 @@ def batchnorm_train(M: int, *, gamma=1.0, eps=0.0, rank=None, fan_in=None) -> Co
     channels; its channel average (and that of φ_c²) is used (see `_jensen`; 1 for
     r = fan_in). ``None``: no correction.
     """
-    M = _check_int("M", M)
-    if M < 3:
-        raise ValueError(f"M must be >= 3 for batch norm, got {M}")
-    _check_positive("eps", eps, allow_zero=True)
-    if rank is not None and int(rank) < 5:
-        raise ValueError(f"rank must be >= 5 (or None), got {rank!r}")
-    g2, eps = _f(gamma) ** 2, _f(eps)
-    c1, c2 = _jensen(rank, fan_in)
+    M, g2, eps, corr = _batch_layer_args("batch norm", M, 3, gamma, eps, rank, fan_in)
 
     def moments(sig):
         s = sig.v + eps
-        big = g2 / s
-        small = big * (eps / s) ** 2
-        phi = c1 * ((M - 2) * big + small) / M
-        phi2 = c2 * ((M - 2) * big**2 + small**2) / M
-        return Moments(phi, phi2 - phi**2)
+        return _spiked_moments(M, M - 2, g2 / s, (eps / s) ** 2, corr)
 
     def propagate(sig):
         q = g2 * sig.v / (sig.v + eps)
@@ -646,22 +656,11 @@ def smn_train(M: int, *, gamma=1.0, eps=0.0, rank=None, fan_in=None) -> Componen
     Output: x·γ/(m̄+ε) (means and variances scale alike). ``rank``: the channel-to-
     channel Jensen correction of `batchnorm_train` (for ε ≪ m̄).
     """
-    M = _check_int("M", M)
-    if M < 2:
-        raise ValueError(f"M must be >= 2 for SMN, got {M}")
-    _check_positive("eps", eps, allow_zero=True)
-    if rank is not None and int(rank) < 5:
-        raise ValueError(f"rank must be >= 5 (or None), got {rank!r}")
-    g2, eps = _f(gamma) ** 2, _f(eps)
-    c1, c2 = _jensen(rank, fan_in)
+    M, g2, eps, corr = _batch_layer_args("SMN", M, 2, gamma, eps, rank, fan_in)
 
     def moments(sig):
         mb = jnp.sqrt(sig.q)
-        big = g2 / (mb + eps) ** 2
-        small = big * (eps / (mb + eps)) ** 2
-        phi = c1 * ((M - 1) * big + small) / M
-        phi2 = c2 * ((M - 1) * big**2 + small**2) / M
-        return Moments(phi, phi2 - phi**2)
+        return _spiked_moments(M, M - 1, g2 / (mb + eps) ** 2, (eps / (mb + eps)) ** 2, corr)
 
     def propagate(sig):
         c = jnp.sqrt(g2) / (jnp.sqrt(sig.q) + eps)

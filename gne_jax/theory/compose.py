@@ -1,4 +1,4 @@
-"""Serial and parallel composition of components (theory §3, §4), nested to any depth.
+"""Serial and parallel composition of components (derivations §3, §4), nested to any depth.
 
 A network description is a tree whose leaves are `Component`s and whose inner
 nodes are `Serial`, `Parallel`, `Residual`, `Repeat` and `Concat`. `predict`

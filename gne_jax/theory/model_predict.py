@@ -4,7 +4,7 @@
 serial CNN or a CIFAR ResNet from the same config `gne_jax.models.create_model`
 takes and returns the predicted φ(JJᵀ), ϕ(JJᵀ) of every block the model exposes
 (`model.blocks`, same names, same order) and end to end. Batch-coupled layers use
-the batch convention of theory §1.4: in training mode a BN/SMN channel shares its
+the batch convention of derivations §1.4: in training mode a BN/SMN channel shares its
 statistics over M = batch·H·W values.
 
 Modelling choices (see docs/theory.md for their measured accuracy):
@@ -83,7 +83,7 @@ def _activation(spec, layer_index=None):
     if name == "selu":
         return C.selu()
     if name == "selu_depth_aware":
-        from gne_jax.activations import selu_coefficients
+        from gne_jax.nn.activations import selu_coefficients
 
         lam, alpha = selu_coefficients(spec.selu_epsilon, spec.selu_gamma0)
         return C.selu(lam, alpha)

@@ -9,7 +9,7 @@ tridiagonal ``T = Qᵀ A Q``:
 
 The Ritz values (eigenvalues of T) approximate the extreme eigenvalues of A, and
 the squared first components of T's eigenvectors are the Gauss-quadrature weights
-used by stochastic Lanczos quadrature (``gne_jax.spectral``).
+used by stochastic Lanczos quadrature (``gne_jax.linalg.spectral``).
 
 Why our own loop and not ``matfree.decomp.tridiag_sym`` (matfree 0.6.3):
 matfree's full-reorthogonalization path (an Arnoldi loop inside ``fori_loop``,
@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from gne_jax._tree import is_concrete
 from gne_jax._validate import check_key
 
 Array = jax.Array
@@ -123,12 +124,6 @@ class EigenResult(NamedTuple):
     residual_norms: Array
     num_restarts: Array
     num_finite_steps: Array
-
-
-def is_concrete(*trees: PyTree) -> bool:
-    """True when no leaf is a JAX tracer, i.e. we run eagerly and may raise on values."""
-    leaves = jax.tree_util.tree_leaves(trees)
-    return not any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
 def ravel_like(like: PyTree):

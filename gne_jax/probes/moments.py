@@ -1,6 +1,6 @@
 """Normalized Jacobian moments φ(JJᵀ), φ((JJᵀ)²) and ϕ of any pure function.
 
-With J the m×n Jacobian of ``fn`` at ``x`` (theory §1):
+With J the m×n Jacobian of ``fn`` at ``x`` (derivations §1):
 
   φ  = Tr(JJᵀ)/m,      φ₂ = Tr((JJᵀ)²)/m,      ϕ = φ₂ − φ²,
 
@@ -9,7 +9,7 @@ gradient entering the block on the backward pass). With ``normalize="input"``
 the same traces are divided by n, which gives φ(JᵀJ) and φ((JᵀJ)²).
 
 One probe yields both moments: for v with E[vvᵀ] = I, u = Jᵀv (a VJP) and
-Ju (a JVP) give E‖u‖² = Tr(JJᵀ) and E‖Ju‖² = Tr((JJᵀ)²) (theory §15). A probe
+Ju (a JVP) give E‖u‖² = Tr(JJᵀ) and E‖Ju‖² = Tr((JJᵀ)²) (derivations §15). A probe
 therefore costs one VJP plus one JVP of the once-linearized function.
 """
 
@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from gne_jax._validate import check_choice, check_key, check_positive_int, is_concrete
-from gne_jax.jacobian import jacobian_operators, output_shape
-from gne_jax.stochtrace import (
+from gne_jax._tree import is_concrete, tree_size, tree_sq_norm
+from gne_jax._validate import check_choice, check_key, check_positive_int
+from gne_jax.probes.jacobian import jacobian_operators, output_shape
+from gne_jax.probes.stochtrace import (
     DISTRIBUTIONS,
     _float_dtype,
     hutchpp_split,
@@ -33,14 +34,12 @@ from gne_jax.stochtrace import (
     mean_and_sem,
     orthonormal_sketch,
     sample_probe,
-    tree_size,
-    tree_sq_norm,
 )
 
 PyTree = Any
 
 METHODS = ("hutchinson", "hutch++", "exact")
-NORMALIZATIONS = ("output", "input")
+NORMALIZE_BY = ("output", "input")
 DEFAULT_EXACT_MAX_ENTRIES = 2**24  # 16.7 M Jacobian entries: 64 MiB in float32
 
 
@@ -207,7 +206,7 @@ def jacobian_moments(
     """
     check_choice(method, "method", METHODS)
     check_choice(dist, "dist", DISTRIBUTIONS)
-    check_choice(normalize, "normalize", NORMALIZATIONS)
+    check_choice(normalize, "normalize", NORMALIZE_BY)
     check_positive_int(num_probes, "num_probes", minimum=4 if method == "hutch++" else 2)
     if probe_chunk is not None:
         check_positive_int(probe_chunk, "probe_chunk")

@@ -1,4 +1,4 @@
-"""Normalization layers of the GNE paper and its companions (theory §10, §12, §14.2).
+"""Normalization layers of the GNE paper and its companions (derivations §10, §12, §14.2).
 
 Batch-statistic layers (:class:`SecondMomentNorm`, :class:`MeanOnlyBatchNorm`,
 :class:`MeterezBatchNorm`) follow ``flax.linen.BatchNorm``'s conventions:
@@ -38,7 +38,7 @@ from jax import lax
 Array = jax.Array
 Axes = int | tuple[int, ...]
 
-BatchNorm = nn.BatchNorm  # standard BN, used as is (theory §8 row "Batch norm")
+BatchNorm = nn.BatchNorm  # standard BN, used as is (derivations §8 row "Batch norm")
 
 SMN_VARIANTS = ("l2", "l1")
 
@@ -102,7 +102,7 @@ def _scale_shift(module, x, mul, shift, feature_axes, feature_shape, use_scale, 
 
     Folding γ into the per-feature multiplier before touching x (as Flax's BatchNorm
     does) keeps the elementwise work to one fused multiply-add, and the backward
-    pass to the two reductions Σg and Σg·x of theory §12.2 (otherwise autodiff
+    pass to the two reductions Σg and Σg·x of derivations §12.2 (otherwise autodiff
     forms separate Σg·x·inv and Σg·γ·x reductions).
     """
     if use_scale:
@@ -127,7 +127,7 @@ def _out_dtype(module, x):
 
 
 class SecondMomentNorm(nn.Module):
-    """Second moment normalization, SMN (theory §12; reference ``L2Norm2d``/``L1Norm2d``).
+    """Second moment normalization, SMN (derivations §12; reference ``L2Norm2d``/``L1Norm2d``).
 
     Per feature c with the statistic taken over all other axes (M values):
 
@@ -139,7 +139,7 @@ class SecondMomentNorm(nn.Module):
     No mean subtraction. The running statistic is the running **RMS** (``l2``) or
     running mean absolute value (``l1``), stored as ``batch_stats/rms`` or
     ``batch_stats/mean_abs`` (init 1); evaluation uses it in place of m̄. The exact
-    backward pass (theory §12.2) is what autodiff of this forward pass computes.
+    backward pass (derivations §12.2) is what autodiff of this forward pass computes.
     """
 
     use_running_average: bool | None = None
@@ -252,7 +252,7 @@ class MeanOnlyBatchNorm(nn.Module):
 
 
 class MeterezBatchNorm(nn.Module):
-    """Batch norm of Meterez et al. (theory §14.2): BN(X) = diag(XXᵀ)^(−1/2)·X.
+    """Batch norm of Meterez et al. (derivations §14.2): BN(X) = diag(XXᵀ)^(−1/2)·X.
 
     X is features × samples: each feature is divided by its **norm** over the batch
     (and spatial) axes, with no mean subtraction and no 1/n factor. ``scale_factor``
@@ -339,7 +339,7 @@ def center_kernel(kernel: Array) -> Array:
 def standardize_kernel(
     kernel: Array, gain: float = math.sqrt(2.0), *, unbiased: bool = False, epsilon: float = 1e-10
 ) -> Array:
-    """Scaled weight standardization (theory §10): W = gain/√n · (V − mean V)/std V.
+    """Scaled weight standardization (derivations §10): W = gain/√n · (V − mean V)/std V.
 
     Per output filter over its n = fan-in entries. With the population std each
     filter has ‖W_i‖² = gain² (= 2 by default, so conv+ReLU has φ = 1); with
@@ -386,7 +386,7 @@ class CenteredConv(_KernelTransform, nn.Conv):
     """``nn.Conv`` with zero-mean filters in the forward pass (reference ``CenterConv2d``).
 
     The paper pairs it with SMN: zero-mean filters make the outputs zero-mean, so
-    SMN's missing mean subtraction costs nothing (theory §12.3).
+    SMN's missing mean subtraction costs nothing (derivations §12.3).
     """
 
     def transform_kernel(self, kernel):
@@ -401,7 +401,7 @@ class CenteredDense(_KernelTransform, nn.Dense):
 
 
 class ScaledWSConv(_KernelTransform, nn.Conv):
-    """``nn.Conv`` with scaled weight standardization, sWS (theory §10, ``WnConv2d``).
+    """``nn.Conv`` with scaled weight standardization, sWS (derivations §10, ``WnConv2d``).
 
     W_i = gain/√n·(V_i − mean V_i)/std V_i per output filter, n = k_h·k_w·c_in;
     ‖W_i‖² = gain² (2 by default) throughout training, not only at init.
@@ -439,7 +439,7 @@ class _WeightNormMixin(_KernelTransform):
 
 
 class WeightNormConv(_WeightNormMixin, nn.Conv):
-    """``nn.Conv`` with Salimans weight norm W_i = g_i·V_i/‖V_i‖ (theory §10, anchors §5.2).
+    """``nn.Conv`` with Salimans weight norm W_i = g_i·V_i/‖V_i‖ (derivations §10).
 
     ``g`` (param ``scale``) starts at ``gain`` so each filter has the squared norm
     gain² that a gain-``gain`` Kaiming init gives in expectation (fan_in·gain²/fan_in);

@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from gne_jax.block_moments import BlockMoments
-from gne_jax.ensemble import EnsemblePlan, ensemble_summary, plan_ensemble, run_plan
+from gne_jax.probes.block_moments import BlockMoments
+from gne_jax.probes.ensemble import EnsemblePlan, ensemble_summary, plan_ensemble, run_plan
 
 
 class SweepPoint(NamedTuple):
@@ -132,7 +132,7 @@ def result_rows(result: BlockMoments) -> list[dict[str, Any]]:
 
     Columns: ``index``, ``block``, ``kind`` (block | branch | end_to_end), ``phi_<stat>``
     and ``varphi_<stat>`` for stat in ``ROW_STATS`` (ϕ per init, φ₂ − φ²),
-    ``varphi_pooled`` and its SE (E φ₂ − (E φ)², theory §1.1), ``phi2_mean``, ``n_inits``.
+    ``varphi_pooled`` and its SE (E φ₂ − (E φ)², derivations §1.1), ``phi2_mean``, ``n_inits``.
     """
     rows = []
 

@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 
 import jax
 
+from gne_jax._tree import tree_size
 from gne_jax._validate import check_float_tree
-from gne_jax.stochtrace import tree_size
 
 PyTree = Any
 

@@ -5,16 +5,16 @@ vmapped over PRNG keys and probes each (``block_moments``) vmapped over the
 resulting variables. Init and measurement are two jitted programs run per chunk
 of ``init_chunk`` inits, so only one chunk's variables are held at a time, and
 the measurement program does not depend on how the variables were drawn: a
-sweep over initializers compiles it once (``gne_jax.sweep.compile_plans``).
+sweep over initializers compiles it once (``gne_jax.probes.sweep.compile_plans``).
 With more than one device the inits are sharded over a 1-D mesh axis
 ``"inits"`` (``jax.shard_map``): every device runs its share; per-init results
 do not depend on the device count or the chunking.
 
 Batch statistics are threaded explicitly: each init's ``batch_stats`` are part of
-its variables and the model is measured through pure functions of them (anchors
-§5.4); the example axis of a batch-coupled model is never vmapped.
+its variables and the model is measured through pure functions of them (no
+``nn.vmap`` over BatchNorm); the example axis of a batch-coupled model is never vmapped.
 
-The summaries follow theory §1.1: the pooled ϕ = E[φ₂] − E[φ]² (the theory's
+The summaries follow derivations §1.1: the pooled ϕ = E[φ₂] − E[φ]² (the theory's
 definition; it includes init-to-init fluctuation of the trace) beside the mean
 per-init spectral spread E[φ₂ − φ²], and the median and quantiles of φ, which
 matter where its law across inits is heavy-tailed.
@@ -32,8 +32,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gne_jax._validate import check_key, check_positive_int, is_concrete
-from gne_jax.block_moments import (
+from gne_jax._tree import is_concrete
+from gne_jax._validate import check_key, check_positive_int
+from gne_jax.probes.block_moments import (
     BlockMoments,
     block_moments,
     probe_compiler_options,
@@ -170,7 +171,7 @@ def run_plan(plan: EnsemblePlan, compiled=None) -> BlockMoments:
 
 
 def _over_inits(f):
-    """``f`` mapped over the leading (init) axis of its batched arguments.
+    """``f`` mapped over the first (init) axis of its batched arguments.
 
     One init per call is applied directly rather than vmapped over an axis of 1: vmapped
     conv kernels become grouped convolutions, which XLA:CPU compiles several times slower.
@@ -227,7 +228,7 @@ def summarize(values: jax.Array, axis: int = 0) -> dict[str, np.ndarray]:
 
 
 class PooledMoments(NamedTuple):
-    """Moments pooled over K initializations (theory §1.1: the expectation sits inside φ).
+    """Moments pooled over K initializations (derivations §1.1: the expectation sits inside φ).
 
     ``varphi`` = mean φ₂ − (mean φ)², which adds the init-to-init variance of the
     trace to the mean per-init spectral variance; ``varphi_within`` is the latter alone.

@@ -1,6 +1,6 @@
 """The block structure a model exposes to the per-block probes.
 
-A network is a chain f = f_L ∘ … ∘ f_1 of blocks (theory §2). Models in
+A network is a chain f = f_L ∘ … ∘ f_1 of blocks (derivations §2). Models in
 `gne_jax.models` describe that chain as an ordered list of `BlockGroup`s: a
 group is a run of n consecutive blocks that share one pure function
 ``apply(params_i, h)`` and differ only in their parameters, stacked along a

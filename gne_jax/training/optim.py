@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules for training, built from optax pieces.
 
 The update of one step is the chain the GNE paper's PyTorch code applies
-(experiments.md §1.2):
+(setups §1.2):
 
     g  <- clip(g)                                  (by value, e.g. 2.0, or by global norm)
     g  <- g + wd * mask * θ                        (weight decay, coupled as in torch SGD)
@@ -9,7 +9,7 @@ The update of one step is the chain the GNE paper's PyTorch code applies
     θ  <- θ - lr(t) * d
 
 Adam replaces the momentum line by ``optax.scale_by_adam``. Parameters labelled as
-Fixup scalars (biases and multipliers of a Fixup branch, experiments.md §1.7) get
+Fixup scalars (biases and multipliers of a Fixup branch, setups §1.7) get
 their own learning rate ``lr(t) * scalar_lr_factor`` through ``optax.multi_transform``.
 """
 
@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from gne_jax._tree import path_names
+
 PyTree = Any
 
 SCHEDULES = ("constant", "step", "cosine")
@@ -34,21 +36,9 @@ CLIP_KINDS = ("none", "value", "norm")
 FIXUP_SCALAR_PATTERN = r"^[^/]+/(bias1a|bias1b|bias2a|bias2b|scale)$|^(stem|head)/bias$"
 
 
-def _path_names(path) -> tuple[str, ...]:
-    out = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            out.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            out.append(k.name)
-        else:
-            out.append(str(getattr(k, "idx", k)))
-    return tuple(out)
-
-
 def param_names(params: PyTree) -> PyTree:
     """The pytree of ``'/'``-joined parameter paths, e.g. ``'Conv_0/kernel'``."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: "/".join(_path_names(p)), params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: "/".join(path_names(p)), params)
 
 
 def is_kernel(name: str, leaf) -> bool:

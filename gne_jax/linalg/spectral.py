@@ -4,7 +4,7 @@ For a symmetric operator A of size n with eigenpairs (λ_i, u_i) and a unit star
 vector q (a normalized Rademacher or Gaussian probe), k Lanczos steps give the
 Gauss quadrature of the spectral measure μ_q = Σ_i (u_iᵀq)² δ_{λ_i}: nodes θ_j
 (Ritz values) and weights τ_j (squared first components of the eigenvectors of T),
-exact for polynomials of degree ≤ 2k−1 (theory §15). Averaging over n_v probes:
+exact for polynomials of degree ≤ 2k−1 (derivations §15). Averaging over n_v probes:
 
     tr f(A) ≈ (n / n_v) Σ_r Σ_j τ_rj f(θ_rj),
     ρ̂(λ)   = (1 / n_v) Σ_r Σ_j τ_rj g_σ(λ − θ_rj),  g_σ = N(0, σ²) density,
@@ -37,17 +37,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gne_jax._tree import is_concrete
 from gne_jax._validate import check_choice, check_key, check_positive_int
-from gne_jax.lanczos import (
+from gne_jax.linalg.lanczos import (
     check_num_steps,
     check_symmetric,
-    is_concrete,
     lanczos_tridiag,
     raise_if_nonfinite,
     ravel_like,
     ritz,
 )
-from gne_jax.stochtrace import (
+from gne_jax.probes.stochtrace import (
     DISTRIBUTIONS,
     TraceEstimate,
     map_probes,
@@ -308,12 +308,12 @@ def jacobian_spectral_density(
 ) -> SpectralDensity:
     """Density of the squared singular values of J = ∂fn/∂x: eigenvalues of JJᵀ (m × m).
 
-    JJᵀ comes from ``gne_jax.jacobian.jacobian_operators(fn, x).jjt`` (one
+    JJᵀ comes from ``gne_jax.probes.jacobian.jacobian_operators(fn, x).jjt`` (one
     linearization, VJP then JVP: two Jacobian products per Lanczos step). Defaults
     to a log scale since these spectra span orders of magnitude; other keyword
     arguments go to ``spectral_density``.
     """
-    from gne_jax.jacobian import jacobian_operators
+    from gne_jax.probes.jacobian import jacobian_operators
 
     ops = jacobian_operators(fn, x)
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype), ops.out)

@@ -1,7 +1,7 @@
 """Luther & Seung (arXiv:1902.04942): sample-variance decay in ReLU networks.
 
 With ρₗ the mean cross-sample correlation of the pre-activations (ReLU, Kaiming,
-infinite width), the arc-cosine kernel gives (theory §14.4)
+infinite width), the arc-cosine kernel gives (derivations §14.4)
 
     ρ_{l+1} = (1/π)[√(1−ρₗ²) + (π − arccos ρₗ)ρₗ],    v²/σ² = 1 − ρ,
 

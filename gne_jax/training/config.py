@@ -10,7 +10,7 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Paper CIFAR-10 defaults (experiments.md §1.2) with a placeholder model."""
+    """Paper CIFAR-10 defaults (setups §1.2) with a placeholder model."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 

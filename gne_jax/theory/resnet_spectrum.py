@@ -1,7 +1,7 @@
 """Tarnowski et al. (arXiv:1809.08848): the universal spectrum of residual networks.
 
 For J = ∏ₗ (I + Xₗ) with free branch Jacobians Xₗ the spectrum of JJᵀ depends
-on one parameter c = Σₗ (1/N)‖Xₗ‖_F² (theory §14.1). Its resolvent
+on one parameter c = Σₗ (1/N)‖Xₗ‖_F² (derivations §14.1). Its resolvent
 G(z) = tr(z − JJᵀ)⁻¹ solves G = (zG − 1)·e^{c(1 − 2zG)}; the moments, edges and
 invariants follow in closed form.
 """

@@ -1,6 +1,6 @@
 """Orvieto, Kohler et al. (arXiv:2106.03763): log-norm laws at random initialization.
 
-Per-layer ratio Rₗ = ‖x_{ℓ+1}‖²/‖xₗ‖² (theory §14.3): linear Xavier layers give
+Per-layer ratio Rₗ = ‖x_{ℓ+1}‖²/‖xₗ‖² (derivations §14.3): linear Xavier layers give
 Rₗ ~ χ²_d/d, ReLU He layers Rₗ = (2/d)χ²_K with K ~ Bin(d, ½). The mean of Rₗ is 1
 but E ln Rₗ < 0, so the typical (median) network shrinks signals like e^{−cL/d}.
 """

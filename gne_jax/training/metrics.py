@@ -88,13 +88,11 @@ def plot_curves(workdir: str, rows: list[dict[str, Any]]) -> str | None:
     """Loss, accuracy and learning-rate curves per epoch to ``curves.png``."""
     if jax.process_index() != 0 or not rows:
         return None
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415  (no pyplot: backend left alone)
 
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     for key, ax in (("loss", axes[0]), ("accuracy", axes[1])):
         for split in ("train", "eval"):
             vals = [r.get(f"{split}_{key}") for r in rows]
@@ -110,7 +108,6 @@ def plot_curves(workdir: str, rows: list[dict[str, Any]]) -> str | None:
     fig.tight_layout()
     path = os.path.join(workdir, "curves.png")
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -123,14 +120,12 @@ def save_grad_norms(workdir: str, names: list[str], steps: np.ndarray, values: n
              values=values)
     if len(values) == 0 or not plot:
         return
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415  (no pyplot: backend left alone)
 
     q = np.percentile(values, [15, 50, 85], axis=0)
     layers = np.arange(1, len(names) + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
     ax.fill_between(layers, q[0], q[2], alpha=0.3, label="15-85%")
     ax.plot(layers, q[1], marker=".", label="median")
     ax.set_yscale("log")
@@ -139,7 +134,6 @@ def save_grad_norms(workdir: str, names: list[str], steps: np.ndarray, values: n
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "grad_norms.png"), dpi=100)
-    plt.close(fig)
 
 
 def load_grad_norms(workdir: str, max_step: int):

@@ -1,11 +1,11 @@
-"""Weight initializers and the activation gain table (theory §8, §9).
+"""Weight initializers and the activation gain table (derivations §8, §9).
 
 All initializers follow the Flax convention ``init(key, shape, dtype) -> array``
 and Flax kernel layouts: a Dense kernel is ``(fan_in, fan_out)``, a convolution
 kernel is ``HWIO`` = ``(*spatial, c_in, c_out)``. The fan-in of a kernel is the
 product of all axes but the last, the number of output features is the last axis.
 
-The gain table is the one of the reference code (``Initializer.gain``, theory §9):
+The gain table is the one of the reference code (``Initializer.gain``, derivations §9):
 choosing ``gain² · φ_act = 1`` makes each weight+activation block have φ = 1.
 """
 
@@ -25,12 +25,12 @@ GAIN_NAMES = ("linear", "tanh", "relu", "prelu", "sprelu", "leaky_relu", "selu")
 
 
 def activation_gain(name: str, negative_slope: float | None = None) -> float:
-    """Weight gain that gives φ = 1 per weight+activation block (theory §9).
+    """Weight gain that gives φ = 1 per weight+activation block (derivations §9).
 
     linear, tanh: 1; relu, prelu, sprelu: √2; leaky_relu with slope a: √(2/(1+a²));
     selu: 1, i.e. the weight variance 1/fan_in of the self-normalizing setup, for
-    which the (depth-aware) SELU coefficients carry the gain (theory §11; use
-    ``gamma0 = gain²`` in :func:`gne_jax.activations.selu_coefficients` when a
+    which the (depth-aware) SELU coefficients carry the gain (derivations §11; use
+    ``gamma0 = gain²`` in :func:`gne_jax.nn.activations.selu_coefficients` when a
     different gain is wanted).
 
     Args:
@@ -162,7 +162,7 @@ def _haar(key, n_rows: int, n_cols: int, dtype) -> Array:
 
 
 def orthogonal(gain: float = 1.0) -> Initializer:
-    """gain × Haar-orthogonal kernel (theory §8 row "orthogonal weight γO").
+    """gain × Haar-orthogonal kernel (derivations §8 row "orthogonal weight γO").
 
     The kernel is flattened to ``(fan_in, fan_out) = (∏shape[:-1], shape[-1])``. With
     ``W = kernelᵀ`` (m = fan_out outputs, n = fan_in inputs): for m ≤ n the rows of W
@@ -188,13 +188,13 @@ def delta_orthogonal(gain: float = 1.0, scale_by_fan_ratio: bool = False) -> Ini
     For an HWIO kernel the centre tap ``kernel[kh//2, kw//2]`` is a ``(c_in, c_out)``
     Haar block (orthonormal columns if c_in ≥ c_out, rows otherwise) times ``gain``;
     every other tap is 0, so the convolution acts per position as that matrix
-    (φ = gain², ϕ = 0 for c_out ≤ c_in, theory §8).
+    (φ = gain², ϕ = 0 for c_out ≤ c_in, derivations §8).
 
     Args:
       gain: overall scale.
       scale_by_fan_ratio: multiply by the extra √(c_out/c_in) of the reference code
         (``tensor.mul_(gain * sqrt(fan_out / fan_in))``); then φ = gain² for
-        c_out ≥ c_in and gain²·c_out/c_in for c_out < c_in (theory §8). Off by default.
+        c_out ≥ c_in and gain²·c_out/c_in for c_out < c_in (derivations §8). Off by default.
     """
     gain = _check_gain(gain, "delta_orthogonal")
 

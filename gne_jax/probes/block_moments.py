@@ -1,8 +1,8 @@
 """Per-block Jacobian moments: which block breaks gradient norm equality.
 
-For a network f = f_L ∘ … ∘ f_1 exposed as ``BlockGroup``\\ s (``gne_jax.blocks``),
+For a network f = f_L ∘ … ∘ f_1 exposed as ``BlockGroup``\\ s (``gne_jax.probes.blocks``),
 ``block_moments`` estimates, for every block j, φ(J_jJ_jᵀ), φ₂ and ϕ of the block's
-Jacobian at the activation that enters it (theory §2, Block Dynamical Isometry),
+Jacobian at the activation that enters it (derivations §2, Block Dynamical Isometry),
 for residual blocks h ↦ s(h) + b(h) also those of the branch b, and the moments of
 the whole network. By the serial theorem (§3) the end-to-end φ is the product of
 the blocks' φ; for an identity shortcut φ = 1 + φ(branch) (§4.3).
@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from gne_jax._validate import check_key, check_positive_int, is_concrete
-from gne_jax.blocks import BlockGroup, compose_blocks, single_block
-from gne_jax.moments import JacobianMoments, jacobian_moments
+from gne_jax._tree import is_concrete
+from gne_jax._validate import check_key, check_positive_int
+from gne_jax.probes.blocks import BlockGroup, compose_blocks, single_block
+from gne_jax.probes.moments import JacobianMoments, jacobian_moments
 
 PyTree = Any
 
@@ -138,7 +139,7 @@ def model_blocks(model, variables, x, *, train: bool) -> list[BlockGroup]:
     if not hasattr(model, "blocks"):
         raise TypeError(
             f"`model` ({type(model).__name__}) does not expose blocks: it needs a "
-            f"`blocks(variables, x, *, train)` method (see gne_jax.blocks). For any other "
+            f"`blocks(variables, x, *, train)` method (see gne_jax.probes.blocks). For any other "
             f"function, use gne_jax.chain_blocks or gne_jax.jacobian_moments."
         )
     try:
@@ -165,7 +166,7 @@ def block_moments(
     """φ, φ₂, ϕ (with SEs) of every block of ``model`` at ``variables``, and end to end.
 
     ``train`` selects the mode explicitly: ``True`` measures batch-coupled layers with
-    batch statistics (the whole batch ``x`` is one input, theory §1.4); ``False`` with
+    batch statistics (the whole batch ``x`` is one input, derivations §1.4); ``False`` with
     running statistics. Keyword arguments go to ``groups_moments``.
     """
     key = check_key(key)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from gne_jax._tree import tree_vdot
 from gne_jax._validate import check_choice, check_key, check_positive_int
 
 PyTree = Any
@@ -48,22 +49,6 @@ class TraceEstimate(NamedTuple):
     sem: jax.Array
     samples: jax.Array
     num_matvecs: int
-
-
-def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-    """Σ over leaves of ⟨a, b⟩ (real inner product of two like-shaped pytrees)."""
-    return sum(jnp.vdot(x, y).real for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
-                                                     strict=True))
-
-
-def tree_sq_norm(a: PyTree) -> jax.Array:
-    """‖a‖² summed over all leaves."""
-    return sum(jnp.sum(jnp.square(jnp.abs(x))) for x in jax.tree.leaves(a))
-
-
-def tree_size(tree: PyTree) -> int:
-    """Total number of elements over all leaves (a Python int)."""
-    return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree))
 
 
 def sample_probe(key: jax.Array, like: PyTree, dist: str = "rademacher") -> PyTree:

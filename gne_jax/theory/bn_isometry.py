@@ -3,7 +3,7 @@
 The isometry gap of a batch of representations, Theorem 1's decay bound,
 Theorem 3's one-layer factor (Corollary 4 in log form), the near-isometry
 decay rate d/(d+2) [derived], and the Gaussian-weight ReLU+BN explosion rate
-π/(π−1) per layer (theory §14.2).
+π/(π−1) per layer (derivations §14.2).
 """
 
 from __future__ import annotations
@@ -98,5 +98,5 @@ BN_RELU_EXPLOSION_RATE = math.pi / (math.pi - 1)
 
 def bn_relu_explosion_rate() -> float:
     """π/(π−1) ≈ 1.4669: growth of the mean squared input gradient per ReLU+BN layer
-    (Gaussian Kaiming weights, wide layers, large batch; Yang et al. 2019 via theory §14.2)."""
+    (Gaussian Kaiming weights, wide layers, large batch; Yang et al. 2019 via derivations §14.2)."""
     return BN_RELU_EXPLOSION_RATE

@@ -1,4 +1,4 @@
-"""Activations of the GNE paper and its companions (theory §8, §9, §11, §14.2).
+"""Activations of the GNE paper and its companions (derivations §8, §9, §11, §14.2).
 
 ``get_activation(name, **params)`` returns
 
@@ -11,7 +11,7 @@
 write ``Activation("relu")(x)`` or ``Activation("prelu")(x)``.
 
 The depth-aware SELU coefficients come from :func:`selu_coefficients`, a pure
-function of (ε, γ₀, q) solving theory §11.1 (i)–(ii); it is the one implementation
+function of (ε, γ₀, q) solving derivations §11.1 (i)–(ii); it is the one implementation
 shared with :mod:`gne_jax.theory`.
 """
 
@@ -65,7 +65,7 @@ SELU_ALPHA = 1.6732632423543772
 
 
 # ----------------------------------------------------------------------------
-# Depth-aware SELU (theory §11)
+# Depth-aware SELU (derivations §11)
 # ----------------------------------------------------------------------------
 
 
@@ -77,12 +77,12 @@ def _e2v_phi(v: float, k: float) -> float:
 
 
 def selu_derivative_moment(lam: float, alpha: float, v: float) -> float:
-    """E[selu'(x)²] for x ~ N(0, v): λ²/2 + λ²α² e^{2v} Φ(−2√v) (theory §8, §11.1 (i))."""
+    """E[selu'(x)²] for x ~ N(0, v): λ²/2 + λ²α² e^{2v} Φ(−2√v) (derivations §8, §11.1 (i))."""
     return lam**2 / 2.0 + lam**2 * alpha**2 * _e2v_phi(v, 2.0)
 
 
 def selu_second_moment(lam: float, alpha: float, v: float) -> float:
-    """E[selu(x)²] for x ~ N(0, v) (theory §11.1 (ii)).
+    """E[selu(x)²] for x ~ N(0, v) (derivations §11.1 (ii)).
 
     λ²[α²(e^{2v}Φ(−2√v) − 2e^{v/2}Φ(−√v) + ½) + v/2].
     """
@@ -92,7 +92,7 @@ def selu_second_moment(lam: float, alpha: float, v: float) -> float:
 def selu_coefficients(
     epsilon: float, gamma0: float = 1.0, q: float = 1.0, *, tol: float = 1e-10
 ) -> tuple[float, float]:
-    """(λ, α) of the depth-aware SELU: solve theory §11.1 (i)–(ii) with v = q·γ₀.
+    """(λ, α) of the depth-aware SELU: solve derivations §11.1 (i)–(ii) with v = q·γ₀.
 
     (i)  γ₀·E[selu'(x)²] = 1 + ε       (each block has φ = 1 + ε)
     (ii) E[selu(x)²]     = q            (forward second-moment fixed point)
@@ -100,11 +100,11 @@ def selu_coefficients(
     reference code (``ops/neurons.py::SeLUv2``), then checked: a residual above
     ``tol`` or a non-positive root raises ``ValueError``. Pure (no JAX tracing).
 
-    Examples (theory §11.2): ε = 0.0716 → (1.0506, 1.6738); ε = 0.07157 recovers the
+    Examples (derivations §11.2): ε = 0.0716 → (1.0506, 1.6738); ε = 0.07157 recovers the
     original SELU (1.0507, 1.6732); γ₀ = 2, ε = 0.03 → (0.9441, 0.7803).
 
     Args:
-      epsilon: per-block excess of φ, > −1 (typically ~c/depth, theory §11.3).
+      epsilon: per-block excess of φ, > −1 (typically ~c/depth, derivations §11.3).
       gamma0: gain² of the preceding weights (weight variance × fan-in), > 0.
       q: fixed point of the SELU output second moment, > 0.
     """
@@ -152,7 +152,7 @@ def selu_with(lam: float, alpha: float) -> Callable[[Array], Array]:
 
 
 # ----------------------------------------------------------------------------
-# Shaped activations of Meterez et al. (theory §14.2)
+# Shaped activations of Meterez et al. (derivations §14.2)
 # ----------------------------------------------------------------------------
 
 SHAPED = {"tanh": jnp.tanh, "sin": jnp.sin}
@@ -172,7 +172,7 @@ def shaped_gain(layer_index, exponent):
 
 
 def shaped_activation(name: str, layer_index, exponent: float) -> Callable[[Array], Array]:
-    """x ↦ σ(α_ℓ·x) with σ ∈ {tanh, sin} and α_ℓ = ℓ^(−exponent) (theory §14.2).
+    """x ↦ σ(α_ℓ·x) with σ ∈ {tanh, sin} and α_ℓ = ℓ^(−exponent) (derivations §14.2).
 
     As α_ℓ → 0 the activation tends to the identity (σ(0) = 0, σ'(0) = 1).
     """
@@ -219,7 +219,7 @@ class PReLU(nn.Module):
 class SPReLU(PReLU):
     """Scaled PReLU: PReLU_a(x)/√(1 + a²) (reference ``ops/neurons.py::sPReLU``).
 
-    φ = ½ at p = ½ for every slope a (theory §8). The reference's ``clamp(0, 0.5)``
+    φ = ½ at p = ½ for every slope a (derivations §8). The reference's ``clamp(0, 0.5)``
     is not in place and so has no effect; we do not clamp either.
     """
 

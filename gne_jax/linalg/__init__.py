@@ -1,0 +1,5 @@
+"""Matrix-free linear algebra on symmetric operators given as matvecs.
+
+* `lanczos`: Lanczos tridiagonalization with full reorthogonalization, extreme eigenpairs;
+* `spectral`: stochastic Lanczos quadrature (spectral densities, trace functions).
+"""

@@ -1,0 +1,195 @@
+r"""The probe job: per-block Jacobian moments of model variants over ensembles of inits.
+
+    python -m gne_jax.probe --config configs/probe/quickstart.py --workdir runs/quickstart
+    python -m gne_jax.probe --config configs/probe/quickstart.py --workdir runs/q \
+        --config.model.depth=20 --config.num_inits=8
+
+Writes into the workdir ``results.csv`` (one row per variant × block, branch and end
+to end), ``results.json`` (the config and the same rows) and PNG plots (φ and ϕ per
+block; φ and ϕ against depth when the sweep has a ``depth`` axis). A workdir that
+already holds results is never overwritten: the new run goes to ``<workdir>/run-N``.
+``run_probe(config, workdir)`` does the same from a notebook.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from gne_jax.probes.sweep import result_rows, run_sweep, sweep_variants
+
+CONFIG_KEYS = {
+    "model": "base model config (gne_jax.models.default_config(name) with overrides)",
+    "sweep": "axes: key -> list of values or override dicts (Cartesian product)",
+    "input_shape": "probe input shape, batch first, e.g. (8, 32, 32, 3)",
+    "input_scale": "std of the Gaussian probe input",
+    "num_inits": "random initializations per variant",
+    "num_probes": "probes per block (each one VJP + one JVP)",
+    "method": "hutchinson | hutch++ | exact",
+    "train": "True: batch statistics (batch-coupled); False: running statistics",
+    "seed": "PRNG seed for inputs, inits and probes",
+    "init_chunk": "inits at once (None: all)",
+    "block_chunk": "blocks of a group at once (None: all)",
+    "probe_chunk": "probes at once (None: all)",
+    "plot": "write PNG plots",
+}
+RESULT_FILES = ("results.csv", "results.json")
+log = logging.getLogger(__name__)
+
+
+def check_config(config: Mapping) -> None:
+    """Unknown or missing top-level keys raise a ValueError listing the valid ones."""
+    keys = set(config.keys())
+    unknown = sorted(keys - set(CONFIG_KEYS))
+    missing = sorted(set(CONFIG_KEYS) - keys)
+    if unknown or missing:
+        valid = "\n".join(f"  {k}: {v}" for k, v in CONFIG_KEYS.items())
+        what = f"unknown key(s) {unknown}" if unknown else f"missing key(s) {missing}"
+        raise ValueError(f"probe config has {what}. Valid keys:\n{valid}")
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> Path:
+    """The directory this run writes to, checked writable before any work starts.
+
+    If ``workdir`` already holds results, returns the first free ``workdir/run-N``.
+    """
+    root = Path(workdir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        out = root
+        if any((root / f).exists() for f in RESULT_FILES):
+            n = 2
+            while (root / f"run-{n}").exists():
+                n += 1
+            out = root / f"run-{n}"
+            out.mkdir()
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise PermissionError(f"`workdir` {str(root)!r} cannot be written: {e}") from e
+    return out
+
+
+def _variant_columns(axes: Mapping) -> list[str]:
+    cols = []
+    for _, overrides in sweep_variants(axes):
+        cols.extend(k for k in overrides if k not in cols)
+    return cols
+
+
+def run_probe(config: ml_collections.ConfigDict | Mapping, workdir: str) -> list[dict[str, Any]]:
+    """Runs the probe job described by ``config`` and writes its files; returns the rows."""
+    config = ml_collections.ConfigDict(config) if not isinstance(
+        config, ml_collections.ConfigDict) else config
+    check_config(config)
+    out = prepare_workdir(workdir)
+    from gne_jax.models import create_model
+
+    base = config.model.to_dict()
+    axes = config.sweep.to_dict() if config.sweep is not None else {}
+    for _, overrides in sweep_variants(axes):  # bad values fail here, before any work
+        create_model({**base, **overrides})
+    key = jax.random.key(config.seed)
+    k_x, k_run = jax.random.split(key)
+    x = config.input_scale * jax.random.normal(k_x, tuple(config.input_shape))
+    try:
+        from tqdm.auto import tqdm
+
+        progress = lambda it, total, desc: tqdm(  # noqa: E731
+            it, total=total, desc=desc, unit="program" if desc == "compiling" else "variant")
+    except ImportError:  # pragma: no cover
+        progress = None
+    points = run_sweep(
+        base, axes, x, key=k_run, num_inits=config.num_inits, create_model=create_model,
+        progress=progress, train=config.train, init_chunk=config.init_chunk,
+        num_probes=config.num_probes, method=config.method, block_chunk=config.block_chunk,
+        probe_chunk=config.probe_chunk,
+    )
+    vcols = _variant_columns(axes)
+    rows = []
+    for p in points:
+        for r in result_rows(p.result):
+            rows.append({"variant": p.label, "model": p.config["name"],
+                         **{c: p.config.get(c) for c in vcols}, **r})
+    write_results(out, config, rows)
+    if config.plot:
+        plot_results(out, rows, depth_axis="depth" in axes)
+    log.info("wrote %s and plots to %s", ", ".join(RESULT_FILES), out)
+    return rows
+
+
+def write_results(out: Path, config, rows: list[dict]) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "results.json", "w") as f:
+        json.dump({"config": config.to_dict(), "rows": rows}, f, indent=1, default=str)
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per variant: end-to-end φ and ϕ, and the block farthest from φ = 1."""
+    lines = [f"{'variant':<44} {'e2e phi (median)':>16} {'e2e varphi':>11} "
+             f"{'worst block':>16} {'its phi':>9} {'mean block varphi':>17}"]
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == v]
+        blocks = [r for r in rs if r["kind"] == "block"]
+        e2e = next((r for r in rs if r["kind"] == "end_to_end"), None)
+        # the head (global pooling + readout) has φ ≪ 1 by construction: judge the others
+        body = [r for r in blocks if r["block"] != "head"] or blocks
+        worst = max(body, key=lambda r: abs(np.log(max(r["phi_median"], 1e-30))))
+        lines.append(
+            f"{v:<44} {e2e['phi_median'] if e2e else float('nan'):>16.4g} "
+            f"{e2e['varphi_pooled'] if e2e else float('nan'):>11.4g} "
+            f"{worst['block']:>16} {worst['phi_median']:>9.4g} "
+            f"{np.mean([r['varphi_mean'] for r in blocks]):>17.4g}")
+    return "\n".join(lines)
+
+
+def plot_results(out: Path, rows: list[dict], depth_axis: bool) -> None:
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig = Figure(figsize=(13, 4.5))
+    axs = fig.subplots(1, 2)
+    for v in variants:
+        b = [r for r in rows if r["variant"] == v and r["kind"] == "block"]
+        idx = [r["index"] for r in b]
+        axs[0].plot(idx, [r["phi_median"] for r in b], marker=".", label=v)
+        axs[1].plot(idx, [max(r["varphi_mean"], 1e-12) for r in b], marker=".", label=v)
+    axs[0].axhline(1.0, color="k", lw=0.8, ls="--")
+    axs[0].set(yscale="log", xlabel="block", ylabel="φ(JJᵀ) per block (median over inits)")
+    axs[1].set(yscale="log", xlabel="block", ylabel="ϕ(JJᵀ) per block (mean over inits)")
+    axs[1].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(out / "phi_per_block.png", dpi=120)
+    if depth_axis:
+        e2e = [r for r in rows if r["kind"] == "end_to_end"]
+        fig = Figure(figsize=(12, 4.5))
+        axs = fig.subplots(1, 2)
+        groups: dict[str, list] = {}
+        for r in e2e:
+            rest = " / ".join(p for p in r["variant"].split(" / ") if p != str(r["depth"]))
+            groups.setdefault(rest or "all", []).append(r)
+        for lab, rs in groups.items():
+            rs = sorted(rs, key=lambda r: r["depth"])
+            d = [r["depth"] for r in rs]
+            axs[0].plot(d, [r["phi_median"] for r in rs], marker="o", label=lab)
+            axs[1].plot(d, [max(r["varphi_pooled"], 1e-12) for r in rs], marker="o", label=lab)
+        axs[0].set(yscale="log", xlabel="depth", ylabel="end-to-end φ (median)")
+        axs[1].set(yscale="log", xlabel="depth", ylabel="end-to-end ϕ (pooled)")
+        axs[1].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "phi_vs_depth.png", dpi=120)
+
+
