@@ -95,31 +95,29 @@ def _fan(shape, mode: str, what: str) -> float:
     raise ValueError(f"{what}: unknown mode {mode!r}; valid: {list(_MODES)}.")
 
 
-def _gaussian(gain: float, mode: str, what: str) -> Initializer:
+def _scaled(draw, gain: float, mode: str, what: str) -> Initializer:
+    """Initializer drawing ``draw(key, shape, dtype, std)`` with std = gain/√fan."""
     gain = _check_gain(gain, what)
     if mode not in _MODES:
         raise ValueError(f"{what}: unknown mode {mode!r}; valid: {list(_MODES)}.")
 
     def init(key, shape, dtype=jnp.float32):
         shape = _check_shape(shape, what)
-        std = gain / math.sqrt(_fan(shape, mode, what))
-        return std * jax.random.normal(key, shape, dtype)
+        return draw(key, shape, dtype, gain / math.sqrt(_fan(shape, mode, what)))
 
     return init
+
+
+def _gaussian(gain: float, mode: str, what: str) -> Initializer:
+    return _scaled(lambda k, s, d, std: std * jax.random.normal(k, s, d), gain, mode, what)
 
 
 def _uniform(gain: float, mode: str, what: str) -> Initializer:
-    gain = _check_gain(gain, what)
-    if mode not in _MODES:
-        raise ValueError(f"{what}: unknown mode {mode!r}; valid: {list(_MODES)}.")
+    # U(-b, b) has variance b²/3: b = √3·std gives variance gain²/fan.
+    def draw(k, s, d, std):
+        return jax.random.uniform(k, s, d, -math.sqrt(3.0) * std, math.sqrt(3.0) * std)
 
-    def init(key, shape, dtype=jnp.float32):
-        shape = _check_shape(shape, what)
-        # U(-b, b) has variance b²/3; choose b so the variance is gain²/fan.
-        bound = gain * math.sqrt(3.0 / _fan(shape, mode, what))
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+    return _scaled(draw, gain, mode, what)
 
 
 def kaiming_normal(gain: float = math.sqrt(2.0), mode: str = "fan_in") -> Initializer:
