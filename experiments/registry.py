@@ -153,7 +153,8 @@ def check(id: str, *, paper: str, claim: str, cost: str = "seconds"):
 
     def register(fn):
         if id in CHECKS:
-            raise ValueError(f"check {id!r} registered twice ({CHECKS[id].module}, {fn.__module__})")
+            raise ValueError(
+                f"check {id!r} registered twice ({CHECKS[id].module}, {fn.__module__})")
         CHECKS[id] = Check(id, paper, claim, cost, fn, fn.__module__)
         return fn
 
