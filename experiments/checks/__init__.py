@@ -1,0 +1,1 @@
+"""Check modules, one per topic; each registers its checks with ``experiments.registry.check``."""
