@@ -15,10 +15,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = "cifar10"  # cifar10 | cifar100 | mnist | imagenet2012 | synthetic
+    # cifar10 | cifar100 | mnist | imagenet2012 | synthetic | image_folder | npz | tfds
+    c.dataset.name = "cifar10"
     c.dataset.data_dir = ""  # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
-    c.dataset.augment = True
-    # synthetic only:
+    c.dataset.augment = True  # pad-crop + flip (CIFAR-style; ImageNet: random-resized crop)
+    # image_folder: DIR with train/<class>/*.png|jpg and test/<class>/...; npz: FILE.npz
+    # holding x_train, y_train, x_test, y_test.
+    c.dataset.path = ""
+    # tfds: any TFDS dataset prepared on disk (array_record) under data_dir.
+    c.dataset.tfds_name = ""
+    c.dataset.train_split = "train"
+    c.dataset.eval_split = "test"
+    # Per-channel normalization; () = computed from the training split (image_folder,
+    # npz, tfds) or the dataset's known values (cifar10, mnist, ...).
+    c.dataset.mean = ()
+    c.dataset.std = ()
+    # synthetic: all of these; image_folder / tfds: image_size (images are resized to
+    # it) and channels (1 = grayscale, 3 = RGB); num_classes comes from the data.
     c.dataset.num_train = 2048
     c.dataset.num_eval = 512
     c.dataset.image_size = 32
@@ -67,6 +80,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress_bar = True
     c.tensorboard = True
     c.overwrite = False  # allow writing into a workdir holding an earlier run's results
+    # Resume the checkpoint in the workdir although some fields differ from the saved
+    # run's (e.g. a corrected learning rate); the changes are recorded in config.json.
+    # A larger num_epochs / num_train_steps (extending a run) needs no flag.
+    c.resume_with_changes = False
+    # Evaluate the train step with the models' scanned stages unrolled: "auto" = on for
+    # CPU backends, where weight-gradient convolutions inside loops are ~30x slower.
+    c.unroll_scans = "auto"  # auto | true | false
+    # Check params, batch statistics and optimizer state (not only the loss) for
+    # non-finite values inside every step; read at every log step.
+    c.check_finite_state = True
     return c
 
 

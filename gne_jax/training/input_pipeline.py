@@ -24,7 +24,9 @@ images labelled by a fixed random linear teacher, ``y = argmax(W x)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -69,22 +71,141 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def dataset_spec(config: ml_collections.ConfigDict) -> DatasetSpec:
-    """The :class:`DatasetSpec` of ``config.dataset``; raises on an unknown name."""
-    name = config.dataset.name
-    if name not in DATASETS:
+# Datasets whose facts (classes, statistics) come from the data on disk.
+DATA_DEFINED = ("image_folder", "npz", "tfds")
+DATASET_NAMES = (*DATASETS, *DATA_DEFINED)
+
+
+def _positive_int(d, key: str, minimum: int = 1) -> int:
+    value = d.get(key)
+    if (not isinstance(value, int | np.integer) or isinstance(value, bool)
+            or value < minimum):
+        raise ValueError(f"config.dataset.{key}={value!r} must be an integer >= {minimum}")
+    return int(value)
+
+
+def check_dataset_config(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config.dataset`` (names, sizes, paths) without reading any data."""
+    d = config.dataset
+    name = d.name
+    if name not in DATASET_NAMES:
         raise ValueError(
-            f"config.dataset.name={name!r} is unknown; expected one of {sorted(DATASETS)}"
+            f"config.dataset.name={name!r} is unknown; expected one of {list(DATASET_NAMES)} "
+            "(image_folder / npz read config.dataset.path, tfds config.dataset.tfds_name)"
         )
+    if name == "synthetic":
+        for key in ("image_size", "channels", "num_classes", "num_train", "num_eval"):
+            _positive_int(d, key)
+    if name in ("image_folder", "tfds", "imagenet2012") or (name == "npz" and d.get(
+            "image_size")):
+        _positive_int(d, "image_size")
+    if name in ("image_folder", "tfds") and d.get("channels") not in (1, 3):
+        raise ValueError(f"config.dataset.channels={d.get('channels')!r} must be 1 "
+                         "(grayscale) or 3 (RGB)")
+    path = d.get("path", "")
+    if name == "image_folder":
+        if not path or not os.path.isdir(path):
+            raise ValueError(f"config.dataset.path={path!r} is not a directory; give the "
+                             "folder holding train/<class>/ and test/<class>/ images")
+        for split in ("train", "test"):
+            if not os.path.isdir(os.path.join(path, split)):
+                raise ValueError(f"config.dataset.path={path!r} has no {split}/ folder "
+                                 f"(expected {split}/<class name>/<image files>)")
+    if name == "npz" and (not path or not os.path.isfile(path)):
+        raise ValueError(f"config.dataset.path={path!r} is not a file; give an .npz holding "
+                         "x_train, y_train, x_test, y_test")
+    if name == "tfds" and not d.get("tfds_name"):
+        raise ValueError("config.dataset.tfds_name is empty; give the name of a TFDS dataset "
+                         "prepared under config.dataset.data_dir")
+    mean, std = tuple(d.get("mean", ()) or ()), tuple(d.get("std", ()) or ())
+    if bool(mean) != bool(std) or (mean and len(mean) != len(std)):
+        raise ValueError(f"config.dataset.mean={mean} and config.dataset.std={std} must both "
+                         "be empty (computed) or give one value per channel")
+    if std and min(std) <= 0:
+        raise ValueError(f"config.dataset.std={std} must be positive")
+
+
+@functools.lru_cache(maxsize=8)
+def _open(kind: str, path: str, split: str, size: int, channels: int, tfds_name: str,
+          data_dir: str, tfds_split: str):
+    """The (cached) source of a data-defined dataset split."""
+    from gne_jax.training import datasets  # noqa: PLC0415
+
+    if kind == "image_folder":
+        classes = None
+        if split == "test":
+            classes = _open(kind, path, "train", size, channels, "", "", "").classes
+        return datasets.ImageFolderSource(path, split, size, channels, classes=classes)
+    if kind == "npz":
+        return datasets.load_npz(path, split, size or None)
+    return datasets.ResizedTfdsSource(TfdsSource(tfds_name, tfds_split, data_dir or None),
+                                      size, channels)
+
+
+def _data_source(config, split: str):
+    d = config.dataset
+    tfds_split = d.get("train_split", "train") if split == "train" else d.get("eval_split",
+                                                                                 "test")
+    return _open(d.name, str(d.get("path", "")), split, int(d.get("image_size") or 0),
+                 int(d.get("channels", 3)), str(d.get("tfds_name", "")),
+                 str(d.get("data_dir", "")), tfds_split)
+
+
+@functools.lru_cache(maxsize=8)
+def _stats(source) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from gne_jax.training.datasets import channel_stats  # noqa: PLC0415
+
+    return channel_stats(source)
+
+
+def _num_classes(config, train_source) -> int:
+    d = config.dataset
+    if d.name == "image_folder":
+        return len(train_source.classes)
+    if d.name == "npz":
+        test = _data_source(config, "test")
+        return int(max(train_source.labels.max(), test.labels.max())) + 1
+    try:  # tfds: the label feature's class count
+        info = train_source.source.source.dataset_info
+        return int(info.features[train_source.label_key].num_classes)
+    except Exception:  # noqa: BLE001
+        n = len(train_source)
+        _, labels = train_source.source.get(np.arange(min(n, 10000)))
+        return int(np.max(labels)) + 1
+
+
+def dataset_spec(config: ml_collections.ConfigDict) -> DatasetSpec:
+    """The :class:`DatasetSpec` of ``config.dataset``; raises on an unknown name.
+
+    For ``image_folder``, ``npz`` and ``tfds`` the classes and image size come from the
+    data, and the normalization statistics from the training split unless
+    ``config.dataset.mean/std`` are given (:func:`gne_jax.training.datasets.channel_stats`).
+    """
+    check_dataset_config(config)
+    d = config.dataset
+    name = d.name
+    mean, std = tuple(d.get("mean", ()) or ()), tuple(d.get("std", ()) or ())
+    if name in DATA_DEFINED:
+        src = _data_source(config, "train")
+        first, _ = src.get(np.arange(1))
+        first = np.asarray(first)
+        if not mean:
+            mean, std = _stats(src)
+        if len(mean) != first.shape[-1]:
+            raise ValueError(f"config.dataset.mean={mean} has {len(mean)} values for "
+                             f"{first.shape[-1]}-channel images")
+        return DatasetSpec(None, "train", "test", _num_classes(config, src), first.shape[1],
+                           first.shape[-1], mean, std, "cifar")
     spec = DATASETS[name]
     if name == "synthetic":
-        d = config.dataset
         spec = dataclasses.replace(
             spec, num_classes=int(d.get("num_classes", 10)),
             image_size=int(d.get("image_size", 32)), channels=int(d.get("channels", 3)),
         )
-    elif name == "imagenet2012" and config.dataset.get("image_size"):
-        spec = dataclasses.replace(spec, image_size=int(config.dataset.image_size))
+    elif name == "imagenet2012" and d.get("image_size"):
+        spec = dataclasses.replace(spec, image_size=int(d.image_size))
+    if mean:
+        spec = dataclasses.replace(spec, mean=mean, std=std)
     return spec
 
 
@@ -172,6 +293,8 @@ def make_source(config: ml_collections.ConfigDict, split: str):
     """The train (``split='train'``) or eval (``split='eval'``) source of ``config.dataset``."""
     spec = dataset_spec(config)
     d = config.dataset
+    if d.name in DATA_DEFINED:
+        return _data_source(config, "train" if split == "train" else "test")
     if spec.tfds_name is None:
         n = int(d.get("num_train", 2048) if split == "train" else d.get("num_eval", 512))
         return SyntheticSource(n, spec.image_size, spec.channels, spec.num_classes,

@@ -17,10 +17,12 @@ One step minimizes the mean cross-entropy
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -44,6 +46,7 @@ from gne_jax.training.metrics import (
     plot_curves,
     save_grad_norms,
 )
+from gne_jax.training.unroll import should_unroll, unroll_scans
 
 PyTree = Any
 
@@ -74,15 +77,76 @@ def _zero_sums() -> dict[str, jax.Array]:
         "correct": jnp.zeros((), jnp.float32),
         "count": jnp.zeros((), jnp.float32),
         "first_nonfinite_step": jnp.full((), -1, jnp.int32),
+        "nonfinite_kind": jnp.zeros((), jnp.int32),
     }
+
+
+def _tree_finite(tree) -> jax.Array:
+    """``all(isfinite(x))`` over every floating leaf of ``tree`` (True for no leaves)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.ones((), bool)
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 # --------------------------------------------------------------------------- config checks
 
 
+def _number(config, key: str, *, integer: bool = False, minimum=None, above=None,
+            below=None) -> None:
+    """Raises ``ValueError`` naming ``config.<key>`` unless it is a number in range."""
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    value = node
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    if ok and integer and float(value) != int(value):
+        ok = False
+    if ok:
+        ok = np.isfinite(float(value))
+    want = "an integer" if integer else "a finite number"
+    if ok and minimum is not None and value < minimum:
+        ok, want = False, f"{want} >= {minimum}"
+    if ok and above is not None and value <= above:
+        ok, want = False, f"{want} > {above}"
+    if ok and below is not None and value >= below:
+        ok, want = False, f"{want} < {below}"
+    if not ok:
+        raise ValueError(f"config.{key}={value!r} must be {want}")
+
+
+def unknown_fields(config: ml_collections.ConfigDict) -> list[str]:
+    """Fields of ``config`` (outside ``model``) that the default config does not have."""
+    from gne_jax.training.config import base_config  # noqa: PLC0415
+
+    base = base_config()
+    out = []
+
+    def walk(node, ref, prefix):
+        for k in node.keys():
+            if k not in ref:
+                out.append(prefix + k)
+            elif isinstance(ref[k], ml_collections.ConfigDict) and k != "model" and isinstance(
+                    node[k], ml_collections.ConfigDict):
+                walk(node[k], ref[k], f"{prefix}{k}.")
+
+    walk(config, base, "")
+    return out
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Fails before any training with a message that says what to change."""
-    input_pipeline.dataset_spec(config)  # unknown dataset
+    """Fails before any training with a message that names the field and says what to change.
+
+    Checks names (dataset, normalization, optimizer, schedule, clip, weight-decay mask,
+    unknown fields), ranges (seed >= 0, learning rate > 0, positive batch sizes, epochs,
+    logging/eval intervals, image size, classes) and the dataset's files.
+    """
+    unknown = unknown_fields(config)
+    if unknown:
+        raise ValueError(f"config field(s) {unknown} are unknown; see "
+                         "gne_jax/training/config.py for the valid fields")
+    _number(config, "seed", integer=True, minimum=0, below=2**32)
+    input_pipeline.check_dataset_config(config)  # names, sizes, paths (no data read)
     norm = config.model.get("normalization", "none")
     from gne_jax.models import NORMALIZATIONS as known  # noqa: PLC0415
 
@@ -92,14 +156,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     n_dev = jax.device_count()
     for key in ("batch_size", "eval_batch_size"):
-        b = int(config[key])
-        if b <= 0 or b % n_dev:
+        b = config[key]
+        if not isinstance(b, int | np.integer) or b <= 0 or b % n_dev:
+            b = int(b) if isinstance(b, int | float) else 0
             lower = max(n_dev, b - b % n_dev)
             raise ValueError(
-                f"config.{key}={b} must be a positive multiple of the device count {n_dev} "
-                f"(the batch is split evenly over devices); use e.g. --config.{key}={lower} "
-                f"or {lower + n_dev}"
+                f"config.{key}={config[key]} must be a positive multiple of the device count "
+                f"{n_dev} (the batch is split evenly over devices); use e.g. "
+                f"--config.{key}={lower} or {lower + n_dev}"
             )
+    if config.num_train_steps <= 0:
+        _number(config, "num_epochs", above=0)
+    else:
+        _number(config, "num_train_steps", integer=True, above=0)
+    _number(config, "log_every_steps", integer=True, minimum=1)
+    _number(config, "eval_every_epochs", integer=True, minimum=1)
+    _number(config, "checkpoint_every_steps", integer=True, minimum=0)
+    _number(config, "grad_norm_epochs", integer=True, minimum=0)
+    _number(config, "moments_every_steps", integer=True, minimum=0)
+    if config.moments_every_steps > 0:
+        _number(config, "moments_num_probes", integer=True, minimum=1)
+        _number(config, "moments_batch", integer=True, minimum=1)
+    _number(config, "prefetch", integer=True, minimum=1)
+    _number(config, "stop_after_steps", integer=True)
     opt = config.optimizer
     if opt.name not in optim.OPTIMIZERS:
         raise ValueError(f"config.optimizer.name={opt.name!r} is unknown; "
@@ -113,8 +192,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if opt.weight_decay_mask not in optim.WEIGHT_DECAY_MASKS:
         raise ValueError(f"config.optimizer.weight_decay_mask={opt.weight_decay_mask!r} is "
                          f"unknown; expected one of {optim.WEIGHT_DECAY_MASKS}")
-    if config.mixup_alpha < 0:
-        raise ValueError(f"config.mixup_alpha={config.mixup_alpha} must be >= 0")
+    _number(config, "optimizer.learning_rate", above=0)
+    _number(config, "optimizer.weight_decay", minimum=0)
+    _number(config, "optimizer.lr_decay_factor", above=0)
+    _number(config, "optimizer.warmup_epochs", minimum=0)
+    _number(config, "optimizer.scalar_lr_factor", minimum=0)
+    if opt.name == "sgd":
+        _number(config, "optimizer.momentum", minimum=0, below=1)
+    else:
+        _number(config, "optimizer.b1", minimum=0, below=1)
+        _number(config, "optimizer.b2", minimum=0, below=1)
+        _number(config, "optimizer.eps", above=0)
+    if opt.get("clip", "none") != "none":
+        _number(config, "optimizer.clip_value", above=0)
+    _number(config, "mixup_alpha", minimum=0)
+    should_unroll(config.get("unroll_scans", "auto"))
 
 
 # --------------------------------------------------------------------------- model and state
@@ -222,8 +314,17 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state: TrainState, batch, *, base_key, mixup_alpha: float, grad_sq_fn):
-    """One SGD step on the global batch; returns the new state and step metrics."""
+def train_step(state: TrainState, batch, *, base_key, mixup_alpha: float, grad_sq_fn,
+               check_state: bool = True, apply_fn: Callable | None = None):
+    """One SGD step on the global batch; returns the new state and step metrics.
+
+    ``sums['first_nonfinite_step']`` records the first step whose loss (bit 1 of
+    ``sums['nonfinite_kind']``) or, with ``check_state``, whose new parameters, batch
+    statistics or optimizer state (bit 2) hold a non-finite value: one fused reduction
+    ``all(isfinite(leaf))`` over the state per step. ``apply_fn`` replaces
+    ``state.apply_fn`` for the forward pass (e.g. with its scans unrolled).
+    """
+    apply = state.apply_fn if apply_fn is None else apply_fn
     images, labels = batch["image"], batch["label"]
     key = jax.random.fold_in(base_key, state.step)
     if mixup_alpha > 0:
@@ -238,11 +339,10 @@ def train_step(state: TrainState, batch, *, base_key, mixup_alpha: float, grad_s
     def loss_fn(params):
         variables = _variables(params, state.batch_stats)
         if state.batch_stats:
-            logits, updates = state.apply_fn(variables, images, train=True,
-                                             mutable=["batch_stats"])
+            logits, updates = apply(variables, images, train=True, mutable=["batch_stats"])
             new_stats = updates["batch_stats"]
         else:
-            logits, new_stats = state.apply_fn(variables, images, train=True), state.batch_stats
+            logits, new_stats = apply(variables, images, train=True), state.batch_stats
         loss = lam * cross_entropy(logits, labels) + (1 - lam) * cross_entropy(logits, labels_b)
         return loss.mean(), (logits, new_stats)
 
@@ -253,10 +353,15 @@ def train_step(state: TrainState, batch, *, base_key, mixup_alpha: float, grad_s
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     n = jnp.asarray(labels.shape[0], jnp.float32)
+    kind = jnp.where(jnp.isfinite(loss), 0, 1)
+    if check_state:
+        kind = kind | jnp.where(_tree_finite((params, new_stats, opt_state)), 0, 2)
     bad = state.sums["first_nonfinite_step"]
-    bad = jnp.where((bad < 0) & ~jnp.isfinite(loss), state.step, bad)
+    first = (bad < 0) & (kind > 0)
     sums = {"loss": state.sums["loss"] + loss * n, "correct": state.sums["correct"] + correct.sum(),
-            "count": state.sums["count"] + n, "first_nonfinite_step": bad}
+            "count": state.sums["count"] + n,
+            "first_nonfinite_step": jnp.where(first, state.step, bad),
+            "nonfinite_kind": jnp.where(first, kind, state.sums["nonfinite_kind"])}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state, sums=sums)
     return new_state, {"loss": loss, "grad_sq": grad_sq}
@@ -292,43 +397,109 @@ def _config_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-_RESUMABLE_KEYS = ("stop_after_steps", "progress_bar", "overwrite", "log_every_steps")
-
+# Fields that never change the numbers of a run: a resume may differ in them.
+_RESUMABLE_KEYS = ("stop_after_steps", "progress_bar", "overwrite", "log_every_steps",
+                   "resume_with_changes", "prefetch", "check_finite_state", "tensorboard")
+# Fields a finished (or interrupted) run may grow without resume_with_changes.
+_EXTENDABLE_KEYS = ("num_epochs", "num_train_steps")
+_HISTORY_KEY = "config_history"
 
 _OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.csv", "grad_norms.npz", "grad_norms.png",
             "moments.jsonl", "curves.png", "tensorboard")
 
 
-def _prepare_workdir(workdir: str, config) -> None:
-    """Refuses to mix two different runs in one workdir.
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
-    The same config resumes from the latest checkpoint. A different config, or results
-    without a checkpoint, raise ``FileExistsError`` unless ``config.overwrite``, which
-    deletes the earlier run's outputs.
+
+def check_workdir(workdir: str) -> None:
+    """Creates ``workdir`` or raises ``ValueError`` naming ``--workdir`` (a file, unwritable)."""
+    if not workdir:
+        raise ValueError("--workdir is empty; give the directory for checkpoints and logs")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir!r} is a file, not a directory; give a directory "
+                         "(it is created if missing)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"--workdir={workdir!r} cannot be created: {err.strerror or err}") from None
+    try:
+        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"--workdir={workdir!r} is not writable: {err.strerror or err}") from None
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def read_config_json(workdir: str) -> tuple[dict, list[dict]]:
+    """The config saved in ``workdir/config.json`` and its history of resumed changes."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    history = saved.pop(_HISTORY_KEY, [])
+    return saved, history
+
+
+def _prepare_workdir(workdir: str, config) -> None:
+    """Refuses to mix two different runs in one workdir; records resumed changes.
+
+    * The same config resumes from the latest checkpoint.
+    * A larger ``num_epochs``/``num_train_steps`` extends the run from its checkpoint.
+    * Other changed fields resume only with ``config.resume_with_changes=True``.
+    * Every resumed change is appended to ``config.json``'s ``config_history``:
+      ``{"step": resumed step, "changes": {field: [old, new]}}``.
+    * A config.json without checkpoint or results (a run that failed before saving
+      anything) is simply replaced.
+    * Otherwise ``FileExistsError``, unless ``config.overwrite`` (deletes the earlier run).
     """
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir)
     path = os.path.join(workdir, "config.json")
     current = _config_json(config)
+    history: list[dict] = []
+    steps = _checkpoint_steps(workdir)
+    has_results = os.path.exists(os.path.join(workdir, "metrics.jsonl"))
     conflict = None
     if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        strip = lambda d: {k: v for k, v in d.items() if k not in _RESUMABLE_KEYS}
-        if strip(previous) != strip(current):
-            diff = sorted(k for k in set(previous) | set(current)
-                          if previous.get(k) != current.get(k) and k not in _RESUMABLE_KEYS)
-            conflict = f"holds a run with a different config (fields differ: {diff})"
-    has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-        name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
-    if conflict is None and not has_ckpt and os.path.exists(os.path.join(workdir,
-                                                                         "metrics.jsonl")):
-        conflict = "holds results but no checkpoint to resume from"
+        previous, history = read_config_json(workdir)
+        prev, cur = _flatten(previous), _flatten(current)
+        changed = {k: [prev.get(k), cur.get(k)] for k in sorted(set(prev) | set(cur))
+                   if prev.get(k) != cur.get(k) and k not in _RESUMABLE_KEYS}
+        if not steps and not has_results:
+            changed, history = {}, []  # nothing was saved: the old config.json is moot
+        other = [k for k in changed if k not in _EXTENDABLE_KEYS]
+        if other and steps and not config.resume_with_changes:
+            conflict = (f"holds a run with a different config (fields differ: {other}); "
+                        "resume it with these changes by adding "
+                        "--config.resume_with_changes=True, or")
+        elif changed and not steps:
+            conflict = (f"holds results of a run with a different config (fields differ: "
+                        f"{sorted(changed)}) and no checkpoint to resume from;")
+        elif changed:
+            history.append({"step": steps[-1], "changes": changed})
+            logging.warning("Resuming step %d in %s with changed fields: %s", steps[-1],
+                            workdir, ", ".join(f"{k}: {a!r} -> {b!r}"
+                                               for k, (a, b) in changed.items()))
+    if conflict is None and not steps and has_results:
+        conflict = "holds results but no checkpoint to resume from;"
     if conflict is not None:
         if not config.overwrite:
             raise FileExistsError(
-                f"workdir {workdir!r} {conflict}. Use a new --workdir, or "
+                f"workdir {workdir!r} {conflict} use a new --workdir, or "
                 "--config.overwrite=True to delete the earlier run's outputs."
             )
+        history = []
         if jax.process_index() == 0:
             logging.warning("Deleting the earlier run in %s (config.overwrite=True)", workdir)
             for name in _OUTPUTS:
@@ -339,7 +510,7 @@ def _prepare_workdir(workdir: str, config) -> None:
                     os.remove(target)
     if jax.process_index() == 0:
         with open(path, "w") as f:
-            json.dump(current, f, indent=2, sort_keys=True)
+            json.dump({**current, _HISTORY_KEY: history}, f, indent=2, sort_keys=True)
 
 
 def _state_dict(state: TrainState) -> dict:
@@ -391,20 +562,68 @@ def _moments_hook(config, model, images):
 # --------------------------------------------------------------------------- main loop
 
 
+class _TqdmStream:
+    """A text stream that writes through ``tqdm.write`` so log lines do not break the bar."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        from tqdm import tqdm  # noqa: PLC0415
+
+        if text.strip():
+            tqdm.write(text.rstrip("\n"), file=self.stream)
+
+    def flush(self):
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def _logging_through_tqdm():
+    """Routes console log handlers (stdlib and absl) through ``tqdm.write`` meanwhile."""
+    import logging as pylogging  # noqa: PLC0415
+
+    handlers = list(pylogging.getLogger().handlers)
+    try:
+        absl_handler = logging.get_absl_handler()
+        handlers.append(absl_handler.python_handler)
+    except Exception:  # noqa: BLE001
+        pass
+    swapped = []
+    for h in handlers:
+        stream = getattr(h, "stream", None)
+        if isinstance(h, pylogging.StreamHandler) and stream in (sys.stderr, sys.stdout):
+            swapped.append((h, stream))
+            h.stream = _TqdmStream(stream)
+    try:
+        yield
+    finally:
+        for h, stream in swapped:
+            h.stream = stream
+
+
+def _param_count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        model: nn.Module | None = None) -> TrainResult:
     """Trains ``config.model`` on ``config.dataset``; logs, checkpoints and resumes in ``workdir``.
 
     Args:
       config: see ``gne_jax.training.config.base_config``.
-      workdir: output directory; a workdir with a checkpoint of the same config is resumed.
+      workdir: output directory; a workdir with a checkpoint of the same config is resumed
+        (or extended, or resumed with changes: see ``_prepare_workdir``).
       model: optional Flax module overriding ``config.model`` (for custom networks).
     Returns:
       ``TrainResult(state, history)``; history holds one dict per epoch.
     Raises:
-      NonFiniteError: the loss became non-finite; the last good checkpoint is kept.
+      ValueError: a bad config field or workdir, before any compilation.
+      NonFiniteError: the loss or the state became non-finite; the last good checkpoint
+        is kept.
     """
     validate_config(config)
+    check_workdir(workdir)
     spec = input_pipeline.dataset_spec(config)
     train_src = input_pipeline.make_source(config, "train")
     eval_src = input_pipeline.make_source(config, "eval")
@@ -415,8 +634,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          f"{len(train_src)}; lower it")
     total = int(config.num_train_steps) if config.num_train_steps > 0 else int(
         config.num_epochs * spe)
+    if total <= 0:
+        raise ValueError(f"config.num_epochs={config.num_epochs} gives no training step "
+                         f"({spe} steps per epoch); raise it")
     if model is None:
         model = create_model(config, spec.num_classes)
+    _prepare_workdir(workdir, config)
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     data_sharding = NamedSharding(mesh, P("data"))
@@ -425,12 +648,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     key = jax.random.PRNGKey(int(config.seed))
     init_key, step_key, moments_key = jax.random.split(key, 3)
     image_shape = (spec.image_size, spec.image_size, spec.channels)
+    logging.info("Compiling and running model.init (%s, input %s)", type(model).__name__,
+                 image_shape)
+    t0 = time.perf_counter()
     state, schedule = create_train_state(model, config, image_shape, spe, init_key)
     state = jax.device_put(state, replicated)
+    logging.info("Initialized %d parameters in %.1f s", _param_count(state.params),
+                 time.perf_counter() - t0)
     grad_norms = layer_grad_norms(model, state.params)
     grad_names = grad_norms.names
 
-    _prepare_workdir(workdir, config)
     ckpt = Checkpointer(workdir)
     writer = MetricsWriter(workdir, tensorboard=bool(config.tensorboard))
     start = 0
@@ -443,9 +670,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     grad_steps, grad_vals = load_grad_norms(workdir, start)
     history = writer.rows()
 
+    unroll = should_unroll(config.get("unroll_scans", "auto"))
     p_train_step = jax.jit(
         functools.partial(train_step, base_key=step_key, mixup_alpha=float(config.mixup_alpha),
-                          grad_sq_fn=grad_norms.fn),
+                          grad_sq_fn=grad_norms.fn,
+                          check_state=bool(config.get("check_finite_state", True)),
+                          apply_fn=unroll_scans(state.apply_fn) if unroll else None),
         out_shardings=(replicated, replicated), donate_argnums=0)
     p_eval_step = jax.jit(eval_step, out_shardings=replicated)
     moments_x = None
@@ -458,6 +688,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     stop = total if config.stop_after_steps <= 0 else min(total, int(config.stop_after_steps))
     grad_limit = int(config.grad_norm_epochs) * spe
+    if start >= stop:
+        logging.info("Nothing to do: the checkpoint in %s is at step %d >= %d (raise "
+                     "--config.num_epochs to extend the run)", workdir, start, stop)
     it = input_pipeline.train_batches(train_src, spec, global_batch=batch, seed=int(config.seed),
                                       start_step=start, num_steps=stop,
                                       augment=bool(config.dataset.augment))
@@ -467,7 +700,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.progress_bar and jax.process_index() == 0 and stop > start:
         from tqdm import tqdm  # noqa: PLC0415
 
-        pbar = tqdm(total=stop, initial=start, desc="train", unit="step", leave=False)
+        pbar = tqdm(total=stop, initial=start, desc="train", unit="step", leave=False,
+                    dynamic_ncols=True)
     pending_grads: list[tuple[int, jax.Array]] = []
     epoch_t0, epoch_steps = time.perf_counter(), 0
     last_saved = ckpt.latest_step()
@@ -475,13 +709,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     def check_finite(step):
         bad = int(state.sums["first_nonfinite_step"])
         if bad >= 0:
+            kind = int(state.sums["nonfinite_kind"])
+            what = ("training loss" if kind == 1 else
+                    "parameters / batch statistics / optimizer state (the loss was finite)"
+                    if kind == 2 else "training loss and state")
             _flush_grads(plot=True)
             writer.close()
+            if pbar is not None:
+                pbar.close()
+            saved = (f"the last good checkpoint (step {last_saved}) in {ckpt.directory} is kept"
+                     if last_saved is not None else
+                     "no checkpoint had been saved yet (set --config.checkpoint_every_steps)")
             raise NonFiniteError(
-                f"non-finite training loss at step {bad} (epoch {bad // spe}). Training stopped; "
-                f"the last good checkpoint (step {last_saved}) in {ckpt.directory} is kept. Try "
-                "a lower --config.optimizer.learning_rate, gradient clipping "
-                "(--config.optimizer.clip=value) or a normalization layer."
+                f"non-finite {what} at step {bad} (epoch {bad // spe}). Training stopped; "
+                f"{saved}. Try a lower --config.optimizer.learning_rate, gradient clipping "
+                "(--config.optimizer.clip=value) or a normalization layer, and resume in the "
+                "same workdir with --config.resume_with_changes=True."
             )
 
     def _flush_grads(plot=False):
@@ -501,53 +744,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ckpt.save(step, _state_dict(state), {"step": step})
         last_saved = step
 
-    for step in range(start, stop):
-        state, metrics = p_train_step(state, next(batches))
-        if step == start:  # leave compilation out of the step time
-            jax.block_until_ready(state)
-            epoch_t0 = time.perf_counter()
-        else:
-            epoch_steps += 1
-        if step < grad_limit:
-            pending_grads.append((step, metrics["grad_sq"]))
-        done = step + 1
-        if done % int(config.log_every_steps) == 0 or done == stop:
-            check_finite(done)
+    prev_loss = None
+    with contextlib.ExitStack() as stack:
+        if pbar is not None:
+            stack.enter_context(_logging_through_tqdm())
+        for step in range(start, stop):
+            if step == start:
+                logging.info("Compiling the train step (%s%s; the first step waits for it)",
+                             "scans unrolled" if unroll else "scanned stages",
+                             ", cached on disk" if jax.config.jax_compilation_cache_dir else "")
+                t_compile = time.perf_counter()
+            state, metrics = p_train_step(state, next(batches))
+            if step == start:  # leave compilation out of the step time
+                jax.block_until_ready(state)
+                logging.info("First step (compile + run) took %.1f s",
+                             time.perf_counter() - t_compile)
+                epoch_t0 = time.perf_counter()
+            else:
+                epoch_steps += 1
+            if step < grad_limit:
+                pending_grads.append((step, metrics["grad_sq"]))
+            done = step + 1
             if pbar is not None:
-                pbar.update(done - pbar.n)
-                pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-        if hook is not None and done % int(config.moments_every_steps) == 0:
-            check_finite(done)
-            row = {"step": done, **hook(state, jax.random.fold_in(moments_key, done))}
-            if jax.process_index() == 0:
-                with open(os.path.join(workdir, "moments.jsonl"), "a") as f:
-                    f.write(json.dumps(row) + "\n")
-        if done % spe == 0 or done == total:  # epoch end (or a partial last epoch)
-            check_finite(done)
-            sums = jax.device_get(state.sums)
-            elapsed = time.perf_counter() - epoch_t0
-            row = {"step": done, "epoch": done // spe if done % spe == 0 else done / spe,
-                   "train_loss": float(sums["loss"] / sums["count"]),
-                   "train_accuracy": float(sums["correct"] / sums["count"]),
-                   "learning_rate": float(schedule(done - 1)),
-                   # Steady-state timing: the run's first (compiling) step is left out.
-                   "step_time_s": elapsed / epoch_steps if epoch_steps else float("nan"),
-                   "images_per_s": batch * epoch_steps / elapsed if epoch_steps else float("nan")}
-            state = state.replace(sums=jax.device_put(_zero_sums(), replicated))
-            if (done // spe) % int(config.eval_every_epochs) == 0 or done == total:
-                row.update(evaluate(p_eval_step, state, eval_src, spec, config, data_sharding))
-            writer.write(row)
-            history.append(row)
-            epoch_t0, epoch_steps = time.perf_counter(), 0
-        every = int(config.checkpoint_every_steps)
-        if (every > 0 and done % every == 0) or done == stop:
-            check_finite(done)
-            jax.block_until_ready(state)
-            t_save = time.perf_counter()
-            save(done)
-            epoch_t0 += time.perf_counter() - t_save  # step time excludes checkpointing
-    if pbar is not None:
-        pbar.close()
+                # Wait for the previous step only: the bar moves every step, one step behind
+                # the dispatched work, without draining the device queue.
+                if prev_loss is not None:
+                    pbar.update(1)
+                    pbar.set_postfix(loss=f"{float(prev_loss):.4f}", refresh=False)
+                prev_loss = metrics["loss"]
+            if done % int(config.log_every_steps) == 0 or done == stop:
+                check_finite(done)
+            if hook is not None and done % int(config.moments_every_steps) == 0:
+                check_finite(done)
+                row = {"step": done, **hook(state, jax.random.fold_in(moments_key, done))}
+                if jax.process_index() == 0:
+                    with open(os.path.join(workdir, "moments.jsonl"), "a") as f:
+                        f.write(json.dumps(row) + "\n")
+            if done % spe == 0 or done == total:  # epoch end (or a partial last epoch)
+                check_finite(done)
+                sums = jax.device_get(state.sums)
+                elapsed = time.perf_counter() - epoch_t0
+                row = {"step": done, "epoch": done // spe if done % spe == 0 else done / spe,
+                       "train_loss": float(sums["loss"] / sums["count"]),
+                       "train_accuracy": float(sums["correct"] / sums["count"]),
+                       "learning_rate": float(schedule(done - 1)),
+                       # Steady-state timing: the run's first (compiling) step is left out.
+                       "step_time_s": elapsed / epoch_steps if epoch_steps else float("nan"),
+                       "images_per_s": (batch * epoch_steps / elapsed if epoch_steps
+                                        else float("nan"))}
+                state = state.replace(sums=jax.device_put(_zero_sums(), replicated))
+                if (done // spe) % int(config.eval_every_epochs) == 0 or done == total:
+                    row.update(evaluate(p_eval_step, state, eval_src, spec, config,
+                                        data_sharding))
+                writer.write(row)
+                history.append(row)
+                epoch_t0, epoch_steps = time.perf_counter(), 0
+            every = int(config.checkpoint_every_steps)
+            if (every > 0 and done % every == 0) or done == stop:
+                check_finite(done)
+                jax.block_until_ready(state)
+                t_save = time.perf_counter()
+                save(done)
+                epoch_t0 += time.perf_counter() - t_save  # step time excludes checkpointing
+        if pbar is not None:
+            pbar.update(stop - pbar.n)
+            pbar.close()
     _flush_grads(plot=True)
     if not all_finite(state.params):
         raise NonFiniteError("final parameters are non-finite")
