@@ -157,7 +157,9 @@ def main(argv=None) -> int:
         from experiments.report import write_report
 
         write_report(report, rows, times, chosen, size=args.size, out=out, total_s=total,
-                     seed=args.seed, papers=PAPERS, describe=describe)
+                     seed=args.seed, papers=PAPERS, describe=describe,
+                     command="python -m experiments " + " ".join(argv if argv is not None
+                                                                 else sys.argv[1:]))
         print(f"report: {report}")
     print(f"{len(chosen)} checks in {total:.0f} s; CSVs in {out}")
     return 0 if all(overall([r]) not in (ERROR,) for r in rows) else 1
