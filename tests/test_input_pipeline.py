@@ -157,3 +157,39 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
     assert str(tmp_path) in msg
     if "tensorflow" not in sys.modules:
         assert "requirements-prepare.txt" in msg
+
+
+# --------------------------------------------------------------------------- Grain loader
+
+
+@pytest.mark.parametrize("spec", [SPEC_PLAIN, SPEC_CIFAR])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_grain_loader_gives_the_numpy_loaders_batches(spec, threads):
+    from gne_jax.training import grain_loader
+
+    src = IndexSource(45, size=6)  # 5 batches of 8 per epoch, 3 epochs
+    kw = dict(global_batch=8, seed=2, num_steps=15)
+    for start in (0, 7):  # from the beginning and resumed mid-epoch
+        for p, count in ((0, 1), (1, 2)):
+            want = list(ip.train_batches(src, spec, start_step=start, process_index=p,
+                                         process_count=count, **kw))
+            got = list(grain_loader.train_batches(src, spec, start_step=start, process_index=p,
+                                                  process_count=count, num_threads=threads,
+                                                  **kw))
+            assert len(got) == len(want) == 15 - start
+            for a, b in zip(want, got, strict=True):
+                np.testing.assert_array_equal(a["image"], b["image"])
+                np.testing.assert_array_equal(a["label"], b["label"])
+
+
+@pytest.mark.slow  # ~20 s: the worker processes import JAX
+def test_grain_loader_worker_processes_keep_the_order():
+    from gne_jax.training import grain_loader
+
+    src = IndexSource(40)
+    kw = dict(global_batch=8, seed=5, start_step=3, num_steps=12, process_index=0,
+              process_count=1)
+    want = np.concatenate(_labels(ip.train_batches(src, SPEC_CIFAR, **kw)))
+    got = np.concatenate(_labels(grain_loader.train_batches(src, SPEC_CIFAR, num_workers=2,
+                                                            **kw)))
+    np.testing.assert_array_equal(got, want)

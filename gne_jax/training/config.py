@@ -76,7 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.moments_every_steps = 0  # > 0: Jacobian moments of the network every N steps
     c.moments_num_probes = 16
     c.moments_batch = 8
-    c.prefetch = 2
+    c.prefetch = 2  # batches placed on the devices ahead of the step
+    # Training batches: "grain" reads them in num_threads threads / num_workers worker
+    # processes (same batches as "numpy", which reads one at a time in one thread).
+    c.loader = "grain"  # grain | numpy
+    c.loader_threads = 2
+    c.loader_workers = 0
     c.progress_bar = True
     c.tensorboard = True
     c.overwrite = False  # allow writing into a workdir holding an earlier run's results

@@ -423,13 +423,37 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return num_examples // global_batch
 
 
+def load_train_batch(source, spec: DatasetSpec, *, global_batch: int, seed: int, step: int,
+                     augment: bool = True, rows: slice | None = None,
+                     perm: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Rows ``rows`` (default: all) of global training batch ``step``; see the module docstring.
+
+    Batch ``t`` belongs to epoch ``t // steps_per_epoch`` and is fully determined by
+    ``(seed, t)``; ``perm`` may pass that epoch's permutation in (it is drawn otherwise).
+    """
+    rows = slice(0, global_batch) if rows is None else rows
+    spe = steps_per_epoch(len(source), global_batch)
+    epoch, b = divmod(step, spe)
+    if perm is None:
+        perm = epoch_permutation(seed, epoch, len(source))
+    idx = perm[b * global_batch:(b + 1) * global_batch]
+    # Augmentation randomness for the whole global batch, then this process's rows.
+    rng = np.random.default_rng((int(seed), 2, epoch, b))
+    images, labels = source.get(idx[rows])
+    out = preprocess(images, spec, train=True, rng=rng, augment=augment, rows=rows,
+                     total=global_batch)
+    return {"image": out, "label": np.asarray(labels, np.int32)}
+
+
 def train_batches(source, spec: DatasetSpec, *, global_batch: int, seed: int, start_step: int,
                   num_steps: int, augment: bool = True, process_index: int | None = None,
                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of the global training batches ``start_step, ..., num_steps - 1``.
 
     Batch ``t`` belongs to epoch ``t // steps_per_epoch`` and is fully determined by
-    ``(seed, t)``; see the module docstring.
+    ``(seed, t)``; see the module docstring. Read in this thread, one batch at a time
+    (:func:`gne_jax.training.grain_loader.train_batches` reads the same batches in
+    parallel).
     """
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
@@ -441,16 +465,11 @@ def train_batches(source, spec: DatasetSpec, *, global_batch: int, seed: int, st
         )
     perm, perm_epoch = None, -1
     for step in range(start_step, num_steps):
-        epoch, b = divmod(step, spe)
+        epoch = step // spe
         if epoch != perm_epoch:
             perm, perm_epoch = epoch_permutation(seed, epoch, len(source)), epoch
-        idx = perm[b * global_batch:(b + 1) * global_batch]
-        # Augmentation randomness for the whole global batch, then this process's rows.
-        rng = np.random.default_rng((int(seed), 2, epoch, b))
-        images, labels = source.get(idx[rows])
-        out = preprocess(images, spec, train=True, rng=rng, augment=augment, rows=rows,
-                         total=global_batch)
-        yield {"image": out, "label": labels}
+        yield load_train_batch(source, spec, global_batch=global_batch, seed=seed, step=step,
+                               augment=augment, rows=rows, perm=perm)
 
 
 def eval_batches(source, spec: DatasetSpec, *, global_batch: int,

@@ -92,6 +92,9 @@ def _tree_finite(tree) -> jax.Array:
 # --------------------------------------------------------------------------- config checks
 
 
+LOADERS = ("grain", "numpy")
+
+
 def _number(config, key: str, *, integer: bool = False, minimum=None, above=None,
             below=None) -> None:
     """Raises ``ValueError`` naming ``config.<key>`` unless it is a number in range."""
@@ -178,6 +181,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _number(config, "moments_num_probes", integer=True, minimum=1)
         _number(config, "moments_batch", integer=True, minimum=1)
     _number(config, "prefetch", integer=True, minimum=1)
+    if config.get("loader", "numpy") not in LOADERS:
+        raise ValueError(f"config.loader={config.loader!r} is unknown; expected one of {LOADERS}")
+    _number(config, "loader_threads", integer=True, minimum=1)
+    _number(config, "loader_workers", integer=True, minimum=0)
     _number(config, "stop_after_steps", integer=True)
     opt = config.optimizer
     if opt.name not in optim.OPTIMIZERS:
@@ -399,7 +406,8 @@ def _config_json(config) -> dict:
 
 # Fields that never change the numbers of a run: a resume may differ in them.
 _RESUMABLE_KEYS = ("stop_after_steps", "progress_bar", "overwrite", "log_every_steps",
-                   "resume_with_changes", "prefetch", "check_finite_state", "tensorboard")
+                   "resume_with_changes", "prefetch", "check_finite_state", "tensorboard",
+                   "loader", "loader_threads", "loader_workers")
 # Fields a finished (or interrupted) run may grow without resume_with_changes.
 _EXTENDABLE_KEYS = ("num_epochs", "num_train_steps")
 _HISTORY_KEY = "config_history"
@@ -691,9 +699,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if start >= stop:
         logging.info("Nothing to do: the checkpoint in %s is at step %d >= %d (raise "
                      "--config.num_epochs to extend the run)", workdir, start, stop)
-    it = input_pipeline.train_batches(train_src, spec, global_batch=batch, seed=int(config.seed),
-                                      start_step=start, num_steps=stop,
-                                      augment=bool(config.dataset.augment))
+    loader_kw = dict(global_batch=batch, seed=int(config.seed), start_step=start,
+                     num_steps=stop, augment=bool(config.dataset.augment))
+    if config.get("loader", "numpy") == "grain":
+        from gne_jax.training import grain_loader  # noqa: PLC0415
+
+        it = grain_loader.train_batches(train_src, spec, **loader_kw,
+                                        num_threads=int(config.get("loader_threads", 2)),
+                                        num_workers=int(config.get("loader_workers", 0)))
+    else:
+        it = input_pipeline.train_batches(train_src, spec, **loader_kw)
     batches = input_pipeline.prefetch_to_device(it, data_sharding, int(config.prefetch))
 
     pbar = None
