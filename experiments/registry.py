@@ -45,27 +45,33 @@ class Row(NamedTuple):
 
 
 def judge(id, paper, quantity, predicted, measured, se=math.nan, *, z_tol=None, rel_tol=None,
-          abs_tol=None, tolerance=None, deviation_note=None, note="") -> Row:
+          abs_tol=None, se_mult=None, tolerance=None, deviation_note=None, note="",
+          fail_note="") -> Row:
     """A row judged by |z| ≤ z_tol, |rel| ≤ rel_tol or |measured − predicted| ≤ abs_tol
-    (any that is given must hold). A failing row with ``deviation_note`` becomes a documented
-    deviation (the note says why it is expected), otherwise a fail."""
+    (any that is given must hold). With ``se_mult`` = k the relative/absolute tolerances
+    bound the systematic part only: |measured − predicted| ≤ tol + k·SE. A failing row with
+    ``deviation_note`` becomes a documented deviation (the note says why it is expected),
+    otherwise a fail (with ``fail_note``, the explanation, appended)."""
     predicted, measured, se = float(predicted), float(measured), float(se)
     z = (measured - predicted) / se if se > 0 and math.isfinite(se) else math.nan
     rel = (measured - predicted) / abs(predicted) if predicted != 0 else math.nan
+    margin = se_mult * se if se_mult is not None and math.isfinite(se) else 0.0
+    extra = f" + {se_mult:g} SE" if se_mult is not None else ""
+    diff = abs(measured - predicted)
     ok, parts = True, []
     if z_tol is not None:
         parts.append(f"|z| ≤ {z_tol:g}")
         ok &= math.isfinite(z) and abs(z) <= z_tol
     if rel_tol is not None:
-        parts.append(f"rel ≤ {rel_tol:g}")
-        ok &= math.isfinite(rel) and abs(rel) <= rel_tol
+        parts.append(f"rel ≤ {rel_tol:g}{extra}")
+        ok &= predicted != 0 and diff <= rel_tol * abs(predicted) + margin
     if abs_tol is not None:
-        parts.append(f"abs ≤ {abs_tol:g}")
-        ok &= abs(measured - predicted) <= abs_tol
+        parts.append(f"abs ≤ {abs_tol:g}{extra}")
+        ok &= diff <= abs_tol + margin
     ok &= math.isfinite(measured)
     verdict = PASS if ok else (DEVIATION if deviation_note else FAIL)
-    if not ok and deviation_note:
-        note = (note + "; " if note else "") + deviation_note
+    if not ok and (deviation_note or fail_note):
+        note = (note + "; " if note else "") + (deviation_note or fail_note)
     return Row(id, paper, quantity, predicted, measured, se, z, rel,
                tolerance or " and ".join(parts), verdict, note)
 
@@ -88,6 +94,7 @@ class Context:
     out: str
     seed: int = 0
     progress: Callable[..., Any] = lambda it, **kw: it
+    records: list = dataclasses.field(default_factory=list)  # scratch list for CSV records
 
     @property
     def small(self) -> bool:
