@@ -43,6 +43,7 @@ from gne_jax.linalg.spectral import (
 from gne_jax.curvature import (
     GroupTraces,
     gauss_newton_matvec,
+    group_traces,
     hessian_density,
     hessian_eigenpairs,
     hessian_group_traces,
@@ -95,7 +96,7 @@ __all__ = [
     "EigenResult", "LanczosResult", "eigh_extreme", "lanczos_tridiag",
     "SpectralDensity", "jacobian_spectral_density", "smooth_density", "spectral_density",
     "trace_function",
-    "GroupTraces", "gauss_newton_matvec", "hessian_density", "hessian_eigenpairs",
+    "GroupTraces", "gauss_newton_matvec", "group_traces", "hessian_density", "hessian_eigenpairs",
     "hessian_group_traces", "hessian_matvec", "hessian_trace",
     # layers and models
     "ACTIVATIONS", "PReLU", "SPReLU", "get_activation", "selu_coefficients", "shaped_activation",

@@ -6,8 +6,11 @@ unchanged under ``jit`` and ``vmap`` and fail before any work is done.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_key(key, argname: str = "key") -> jax.Array:
@@ -77,3 +80,57 @@ def check_float_tree(tree, argname: str) -> None:
                 f"respect to it); found a leaf of dtype {dtype} and shape {jnp.shape(leaf)}. "
                 f"Cast it, e.g. x.astype(jnp.float32)."
             )
+
+
+def check_input_tree(tree, argname: str) -> None:
+    """A real floating-point pytree with at least one element (Jacobians of it are defined).
+
+    Complex leaves are refused (φ is defined here for real Jacobians; split real and
+    imaginary parts into two real inputs), and so are empty inputs (no Jacobian to probe).
+    """
+    check_float_tree(tree, argname)
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"`{argname}` has a complex leaf (dtype {dtype}, shape {jnp.shape(leaf)}): the "
+                f"moments are defined for real Jacobians. Pass the real and imaginary parts "
+                f"as two real arrays."
+            )
+        total += int(np.prod(jnp.shape(leaf)))
+    if total == 0:
+        raise ValueError(
+            f"`{argname}` is empty (zero elements, shapes "
+            f"{[tuple(jnp.shape(a)) for a in jax.tree.leaves(tree)]}): there is no Jacobian "
+            f"to probe."
+        )
+
+
+def renamed_argument(new_value, old_value, *, new: str, old: str, default):
+    """Resolves a renamed keyword: the old name still works, with a ``DeprecationWarning``.
+
+    ``new_value`` is ``None`` when the caller did not pass the new name (its default is
+    ``default``); passing both names is an error.
+    """
+    if old_value is None:
+        return default if new_value is None else new_value
+    if new_value is not None:
+        raise TypeError(f"pass `{new}` only (`{old}` is its deprecated former name), not both.")
+    warnings.warn(f"`{old}` is deprecated and will be removed in the next release; use `{new}`.",
+                  DeprecationWarning, stacklevel=3)
+    return old_value
+
+
+def legacy_key(like, legacy, key, *, like_name: str = "like"):
+    """``(like, key)`` from a call in the new ``f(op, like, *, key=...)`` form or the old
+    positional ``f(op, key, like)`` form (kept one release, with a ``DeprecationWarning``).
+    """
+    if legacy is None:
+        return like, key
+    if key is not None:
+        raise TypeError(f"pass `key` by keyword only: f(..., {like_name}, key=key).")
+    warnings.warn(
+        f"passing `key` positionally before `{like_name}` is deprecated and will be removed in "
+        f"the next release; call f(..., {like_name}, key=key).", DeprecationWarning, stacklevel=3)
+    return legacy, like

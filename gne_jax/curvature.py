@@ -22,16 +22,43 @@ For a piecewise-linear network (ReLU/linear layers) with ℓ = ½‖f − y‖²
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
+from flax.core import FrozenDict
 
-from gne_jax._tree import path_names
-from gne_jax._validate import check_choice, check_key, check_positive_int
-from gne_jax.linalg.lanczos import EigenResult, eigh_extreme, flatten_matvec, ravel_like
-from gne_jax.linalg.spectral import SpectralDensity, spectral_density
+from gne_jax._tree import is_concrete, path_names
+from gne_jax._validate import (
+    check_choice,
+    check_float_tree,
+    check_key,
+    check_positive_int,
+    legacy_key,
+    renamed_argument,
+)
+from gne_jax.linalg.lanczos import (
+    EigenResult,
+    _eigh_extreme,
+    check_num_steps,
+    eigh_extreme,
+    flatten_matvec,
+    raise_if_asymmetric,
+    raise_if_nonfinite,
+    ravel_like,
+)
+from gne_jax.linalg.spectral import (
+    SpectralDensity,
+    _check_density_options,
+    _density,
+    _density_arrays,
+    _finish,
+)
+from gne_jax.probes import compiled
+from gne_jax.probes.compiled import AbstractTree
 from gne_jax.probes.stochtrace import (
     DISTRIBUTIONS,
     TraceEstimate,
@@ -99,53 +126,115 @@ def gauss_newton_matvec(
     return lambda v: ops.vjp(h_out(ops.jvp(v)))
 
 
-def trace(matvec: Matvec, key: jax.Array, like: PyTree, *, num_matvecs: int = 100,
-          method: str = "hutchinson", dist: str = "rademacher",
-          chunk_size: int | None = None) -> TraceEstimate:
-    """tr A by ``gne_jax.probes.stochtrace`` (Hutchinson or Hutch++) with ``num_matvecs`` matvecs.
+def _probe_options(num_probes, num_matvecs, chunk_size, probe_chunk, *, default=100):
+    num_probes = renamed_argument(num_probes, num_matvecs, new="num_probes", old="num_matvecs",
+                                  default=default)
+    probe_chunk = renamed_argument(probe_chunk, chunk_size, new="probe_chunk",
+                                   old="chunk_size", default=None)
+    return num_probes, probe_chunk
 
-    The estimator sees the operator on flat vectors (``ravel_pytree``): the same
-    estimator, but one probe draw per matvec instead of one per leaf, which keeps
-    the compiled program small for parameter pytrees with many leaves.
-    """
+
+def _check_trace_options(num_probes, method, dist, probe_chunk):
     check_choice(method, "method", TRACE_METHODS)
+    check_choice(dist, "dist", DISTRIBUTIONS)
+    check_positive_int(num_probes, "num_probes", minimum=4 if method == "hutch++" else 2)
+    if probe_chunk is not None:
+        check_positive_int(probe_chunk, "probe_chunk")
+
+
+def _trace(matvec, key, like, *, num_probes, method, dist, probe_chunk) -> TraceEstimate:
     matvec_flat, _, n = flatten_matvec(matvec, like)
     flat_like = jax.ShapeDtypeStruct((n,), ravel_like(like)[0].dtype)
     if method == "hutchinson":
-        est = hutchinson(num_matvecs, dist=dist, chunk_size=chunk_size)
+        est = hutchinson(num_probes, dist=dist, probe_chunk=probe_chunk)
     else:
-        est = hutchpp(num_matvecs, dist=dist)
-    return est(matvec_flat, key, flat_like)
+        est = hutchpp(num_probes, dist=dist)
+    return est(matvec_flat, flat_like, key=key)
 
 
-def hessian_trace(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Array, *,
-                  num_matvecs: int = 100, method: str = "hutchinson", dist: str = "rademacher",
+def _trace_program(matvec, key, *, like, **opts):
+    return _trace(matvec, key, like.tree(), **opts)
+
+
+def trace(matvec: Matvec, like: PyTree, legacy_like: PyTree = None, /, *,
+          key: jax.Array | None = None, num_probes: int | None = None,
+          method: str = "hutchinson", dist: str = "rademacher", probe_chunk: int | None = None,
+          num_matvecs: int | None = None, chunk_size: int | None = None) -> TraceEstimate:
+    """tr A ≈ (1/k) Σ vᵢᵀAvᵢ (Hutchinson) or Hutch++ with k = ``num_probes`` matvecs (100).
+
+    The estimator sees the operator on flat vectors (``ravel_pytree``): the same
+    estimator, but one probe draw per matvec instead of one per leaf, which keeps
+    the compiled program small for parameter pytrees with many leaves. Eagerly it runs
+    one program per structure of ``matvec``. ``num_matvecs``/``chunk_size``: deprecated
+    names of ``num_probes``/``probe_chunk``.
+    """
+    like, key = legacy_key(like, legacy_like, key)
+    key = check_key(key)
+    num_probes, probe_chunk = _probe_options(num_probes, num_matvecs, chunk_size, probe_chunk)
+    _check_trace_options(num_probes, method, dist, probe_chunk)
+    opts = dict(num_probes=num_probes, method=method, dist=dist, probe_chunk=probe_chunk)
+    abstract = AbstractTree(like)
+    if not is_concrete((like, key)):
+        return _trace(matvec, key, like, **opts)
+    return compiled.call(_trace_program, dict(like=abstract, **opts),
+                         [(matvec, (abstract.tree(),), "matvec")], (key,))
+
+
+def _hoisted_loss(loss_fn, params):
+    """Validates ``loss_fn`` and ``params`` and returns ``(loss_fn, example params)``."""
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be a callable; got {type(loss_fn).__name__}.")
+    check_float_tree(params, "params")
+    _check_scalar_loss(loss_fn, params)
+    return (loss_fn, (AbstractTree(params).tree(),), "loss_fn")
+
+
+def _hessian_trace_program(loss_fn, params, key, **opts):
+    return _trace(hessian_matvec(loss_fn, params), key, params, **opts)
+
+
+def hessian_trace(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
+                  legacy_key_: jax.Array | None = None, /, *, key: jax.Array | None = None,
+                  num_probes: int | None = None, method: str = "hutchinson",
+                  dist: str = "rademacher", probe_chunk: int | None = None,
+                  num_matvecs: int | None = None,
                   chunk_size: int | None = None) -> TraceEstimate:
     """tr ∇²_θ loss_fn(θ) at ``params``: Hutchinson (mean vᵀHv) or Hutch++ over HVPs.
 
-    ``value ± sem`` is the estimate and its probe standard error; cost
-    ``num_matvecs`` HVPs. vmap over (params, key) for an ensemble of initializations.
+    ``value ± sem`` is the estimate and its probe standard error; cost ``num_probes``
+    HVPs (default 100). vmap over (params, key) for an ensemble of initializations.
+    Eagerly it runs jitted, one program per structure of ``loss_fn`` (its data batch
+    and ``params`` are arguments). ``num_matvecs``/``chunk_size``: deprecated names.
     """
-    return trace(hessian_matvec(loss_fn, params), key, params, num_matvecs=num_matvecs,
-                 method=method, dist=dist, chunk_size=chunk_size)
+    if legacy_key_ is not None:
+        _, key = legacy_key(legacy_key_, params, key, like_name="params")
+    key = check_key(key)
+    num_probes, probe_chunk = _probe_options(num_probes, num_matvecs, chunk_size, probe_chunk)
+    _check_trace_options(num_probes, method, dist, probe_chunk)
+    opts = dict(num_probes=num_probes, method=method, dist=dist, probe_chunk=probe_chunk)
+    spec = _hoisted_loss(loss_fn, params)
+    if not is_concrete((params, key)):
+        return _hessian_trace_program(loss_fn, params, key, **opts)
+    return compiled.call(_hessian_trace_program, opts, [spec], (params, key))
 
 
-class GroupTraces(NamedTuple):
-    """Per-group traces tr A_gg, one entry per group name (dicts keyed by name).
+@struct.dataclass
+class GroupTraces:
+    """Per-group traces tr A_gg, one entry per group name (dicts keyed by name; a pytree).
 
     Attributes:
       value: {name: estimate of tr A_gg}.
       sem: {name: its standard error}.
       samples: {name: per-probe values v_gᵀ (A v)_g}.
       total: ``TraceEstimate`` of tr A from the same probes (Σ_g samples).
-      sizes: {name: number of parameters in the group} (Python ints).
+      sizes: {name: number of parameters in the group} (Python ints; static).
     """
 
     value: dict
     sem: dict
     samples: dict
     total: TraceEstimate
-    sizes: dict
+    sizes: Mapping = struct.field(pytree_node=False)
 
 
 def _path_name(path, grouping: str) -> str:
@@ -171,26 +260,12 @@ def parameter_groups(like: PyTree, groups="layer") -> list[str]:
     return [_path_name(p, groups) for p in paths]
 
 
-def group_traces(matvec: Matvec, key: jax.Array, like: PyTree, *, num_matvecs: int = 100,
-                 groups="layer", dist: str = "rademacher",
-                 chunk_size: int | None = None) -> GroupTraces:
-    """tr A_gg for each parameter group g, all from the same ``num_matvecs`` probes.
-
-    With a probe v (E[vvᵀ] = I, probes from ``gne_jax.probes.stochtrace.sample_probe``)
-    and w = A v, the per-group sample v_gᵀ w_g has mean tr A_gg; its variance
-    includes the off-diagonal blocks A_gh (Gaussian probes:
-    Var = ‖A_g,:‖²_F + tr(A_gg²)). The group samples sum to the Hutchinson
-    sample vᵀ A v, so ``total`` is the usual trace estimate.
-    """
-    k = check_positive_int(num_matvecs, "num_matvecs", minimum=2)
-    check_choice(dist, "dist", DISTRIBUTIONS)
-    key = check_key(key)
-    names = parameter_groups(like, groups)
+def _group_traces(matvec, key, like, *, names, num_probes, dist, probe_chunk) -> GroupTraces:
     order = list(dict.fromkeys(names))
     index = jnp.asarray([order.index(n) for n in names], jnp.int32)
     sizes = {g: 0 for g in order}
     for n, leaf in zip(names, jax.tree.leaves(like), strict=True):
-        sizes[n] += int(jnp.size(leaf)) if hasattr(leaf, "shape") else 1
+        sizes[n] += int(math.prod(jnp.shape(leaf)))
 
     flat_like, unravel = ravel_like(like)
     probe_like = jax.ShapeDtypeStruct(flat_like.shape, flat_like.dtype)
@@ -205,39 +280,135 @@ def group_traces(matvec: Matvec, key: jax.Array, like: PyTree, *, num_matvecs: i
         ])
         return jax.ops.segment_sum(per_leaf, index, num_segments=len(order))
 
-    samples = map_probes(one, jax.random.split(key, k), chunk_size)  # (k, G)
+    samples = map_probes(one, jax.random.split(key, num_probes), probe_chunk)  # (k, G)
     value, sem = mean_and_sem(samples)
     total_samples = jnp.sum(samples, axis=1)
-    total = TraceEstimate(*mean_and_sem(total_samples), total_samples, k)
+    total = TraceEstimate(*mean_and_sem(total_samples), total_samples, num_probes)
     return GroupTraces(
         value={g: value[i] for i, g in enumerate(order)},
         sem={g: sem[i] for i, g in enumerate(order)},
         samples={g: samples[:, i] for i, g in enumerate(order)},
         total=total,
-        sizes=sizes,
+        sizes=FrozenDict(sizes),
     )
 
 
+def _group_traces_program(matvec, key, *, like, **opts):
+    return _group_traces(matvec, key, like.tree(), **opts)
+
+
+def _group_options(like, num_probes, num_matvecs, chunk_size, probe_chunk, groups, dist):
+    num_probes, probe_chunk = _probe_options(num_probes, num_matvecs, chunk_size, probe_chunk)
+    check_positive_int(num_probes, "num_probes", minimum=2)
+    check_choice(dist, "dist", DISTRIBUTIONS)
+    if probe_chunk is not None:
+        check_positive_int(probe_chunk, "probe_chunk")
+    names = tuple(parameter_groups(like, groups))
+    return dict(names=names, num_probes=num_probes, dist=dist, probe_chunk=probe_chunk)
+
+
+def group_traces(matvec: Matvec, like: PyTree, legacy_like: PyTree = None, /, *,
+                 key: jax.Array | None = None, num_probes: int | None = None, groups="layer",
+                 dist: str = "rademacher", probe_chunk: int | None = None,
+                 num_matvecs: int | None = None, chunk_size: int | None = None) -> GroupTraces:
+    """tr A_gg for each parameter group g, all from the same ``num_probes`` probes (100).
+
+    With a probe v (E[vvᵀ] = I, probes from ``gne_jax.probes.stochtrace.sample_probe``)
+    and w = A v, the per-group sample v_gᵀ w_g has mean tr A_gg; its variance
+    includes the off-diagonal blocks A_gh (Gaussian probes:
+    Var = ‖A_g,:‖²_F + tr(A_gg²)). The group samples sum to the Hutchinson
+    sample vᵀ A v, so ``total`` is the usual trace estimate. ``groups`` as in
+    ``parameter_groups``. Eagerly, one program per structure of ``matvec``.
+    """
+    like, key = legacy_key(like, legacy_like, key)
+    key = check_key(key)
+    opts = _group_options(like, num_probes, num_matvecs, chunk_size, probe_chunk, groups, dist)
+    abstract = AbstractTree(like)
+    if not is_concrete((like, key)):
+        return _group_traces(matvec, key, like, **opts)
+    return compiled.call(_group_traces_program, dict(like=abstract, **opts),
+                         [(matvec, (abstract.tree(),), "matvec")], (key,))
+
+
+def _hessian_group_traces_program(loss_fn, params, key, **opts):
+    return _group_traces(hessian_matvec(loss_fn, params), key, params, **opts)
+
+
 def hessian_group_traces(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
-                         key: jax.Array, **kwargs) -> GroupTraces:
-    """Per-layer (per-group) Hessian traces tr H_gg; keywords as in ``group_traces``."""
-    return group_traces(hessian_matvec(loss_fn, params), key, params, **kwargs)
+                         legacy_key_: jax.Array | None = None, /, *,
+                         key: jax.Array | None = None, num_probes: int | None = None,
+                         groups="layer", dist: str = "rademacher",
+                         probe_chunk: int | None = None, num_matvecs: int | None = None,
+                         chunk_size: int | None = None) -> GroupTraces:
+    """Per-layer (per-group) Hessian traces tr H_gg; options as in ``group_traces``."""
+    if legacy_key_ is not None:
+        _, key = legacy_key(legacy_key_, params, key, like_name="params")
+    key = check_key(key)
+    opts = _group_options(params, num_probes, num_matvecs, chunk_size, probe_chunk, groups, dist)
+    spec = _hoisted_loss(loss_fn, params)
+    if not is_concrete((params, key)):
+        return _hessian_group_traces_program(loss_fn, params, key, **opts)
+    return compiled.call(_hessian_group_traces_program, opts, [spec], (params, key))
+
+
+def _hessian_eig_program(loss_fn, params, key, **opts):
+    return _eigh_extreme(hessian_matvec(loss_fn, params), key, like=AbstractTree(params), **opts)
 
 
 def hessian_eigenpairs(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
-                       key: jax.Array, *, num_eigs: int = 5, num_steps: int = 30,
+                       legacy_key_: jax.Array | None = None, /, *,
+                       key: jax.Array | None = None, num_eigs: int = 5, num_steps: int = 30,
                        which: str = "largest", check_symmetry: bool = True) -> EigenResult:
     """Top-k (or bottom-k) Hessian eigenvalues and eigenvectors (pytrees like ``params``).
 
     Lanczos with full reorthogonalization (``gne_jax.linalg.lanczos.eigh_extreme``) from a
     random start; ``num_steps`` HVPs. Check ``residual_norms`` for convergence:
-    an eigenvalue of H lies within it of each returned value.
+    an eigenvalue of H lies within it of each returned value. Eagerly one program per
+    structure of ``loss_fn``.
     """
-    est = eigh_extreme(num_steps, num_eigs, which=which, check_symmetry=check_symmetry)
-    return est(hessian_matvec(loss_fn, params), key, params)
+    if legacy_key_ is not None:
+        _, key = legacy_key(legacy_key_, params, key, like_name="params")
+    key = check_key(key)
+    eigh_extreme(num_steps, num_eigs, which=which)  # validates the options
+    spec = _hoisted_loss(loss_fn, params)
+    check_num_steps(num_steps, ravel_like(params)[0].shape[0])
+    opts = dict(num_steps=num_steps, num_eigs=num_eigs, which=which, reortho="full",
+                check_symmetry=bool(check_symmetry))
+    if not is_concrete((params, key)):
+        return _hessian_eig_program(loss_fn, params, key, **opts)[0]
+    result, sym = compiled.call(_hessian_eig_program, opts, [spec], (params, key))
+    raise_if_asymmetric(sym)
+    raise_if_nonfinite(result.num_finite_steps, num_steps, "Hessian-vector product")
+    return result
 
 
-def hessian_density(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Array,
-                    **kwargs) -> SpectralDensity:
-    """SLQ density of the Hessian spectrum; keywords as in `gne_jax.linalg.spectral_density`."""
-    return spectral_density(hessian_matvec(loss_fn, params), key, params, **kwargs)
+def _hessian_density_program(loss_fn, params, key, arrays, **opts):
+    return _density(hessian_matvec(loss_fn, params), key, arrays, params, **opts)
+
+
+def hessian_density(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
+                    legacy_key_: jax.Array | None = None, /, *, key: jax.Array | None = None,
+                    num_steps: int = 30, num_probes: int = 8, num_grid: int = 512, sigma=None,
+                    rel_sigma=None, grid: jax.Array | None = None, log_scale: bool = False,
+                    log_floor=None, dist: str = "rademacher", reortho: str = "full",
+                    probe_chunk: int | None = None,
+                    check_symmetry: bool = True) -> SpectralDensity:
+    """SLQ density of the Hessian spectrum; options as in ``gne_jax.linalg.spectral_density``.
+
+    Eagerly one program per structure of ``loss_fn`` (data and ``params`` are arguments).
+    """
+    if legacy_key_ is not None:
+        _, key = legacy_key(legacy_key_, params, key, like_name="params")
+    key = check_key(key)
+    spec = _hoisted_loss(loss_fn, params)
+    opts = dict(num_steps=num_steps, num_probes=num_probes, num_grid=num_grid,
+                log_scale=bool(log_scale), dist=dist, reortho=reortho, probe_chunk=probe_chunk,
+                check_symmetry=bool(check_symmetry))
+    _check_density_options(sigma=sigma, rel_sigma=rel_sigma, n=ravel_like(params)[0].shape[0],
+                           **{k: opts[k] for k in ("num_steps", "num_probes", "num_grid", "dist",
+                                                   "reortho", "probe_chunk")})
+    arrays = _density_arrays(sigma, rel_sigma, grid, log_floor)
+    if not is_concrete((params, key, arrays)):
+        return _hessian_density_program(loss_fn, params, key, arrays, **opts)[0]
+    result, sym = compiled.call(_hessian_density_program, opts, [spec], (params, key, arrays))
+    return _finish(result, sym, "Hessian-vector product (hessian_density)")

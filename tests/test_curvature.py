@@ -69,16 +69,16 @@ def test_relu_hessian_trace_equals_squared_jacobian_norms():
         identity = sum(per_layer.values())
         exact = float(jnp.trace(dense_hessian(loss_fn, params)))
         np.testing.assert_allclose(exact, identity, rtol=1e-10)  # the identity itself
-        est = jax.jit(lambda k: hessian_trace(loss_fn, params, k, num_matvecs=400))(
+        est = jax.jit(lambda k: hessian_trace(loss_fn, params, key=k, num_probes=400))(
             jax.random.key(1))
         assert abs(float(est.value) - identity) < 4 * float(est.sem), (est.value, identity)
         assert float(est.sem) < 0.1 * identity  # the check has teeth
         # Hutch++ on the same operator.
-        pp = jax.jit(lambda k: hessian_trace(loss_fn, params, k, num_matvecs=120,
+        pp = jax.jit(lambda k: hessian_trace(loss_fn, params, key=k, num_probes=120,
                                              method="hutch++"))(jax.random.key(2))
         assert abs(float(pp.value) - identity) < 4 * float(pp.sem) + 1e-8 * identity
         # Per-layer: tr H_ll is the layer's ‖∂f/∂θ_l‖²_F (diagonal blocks only).
-        groups = jax.jit(lambda k: hessian_group_traces(loss_fn, params, k, num_matvecs=400))(
+        groups = jax.jit(lambda k: hessian_group_traces(loss_fn, params, key=k, num_probes=400))(
             jax.random.key(3))
         for name, value in per_layer.items():
             assert abs(float(groups.value[name]) - value) < 4 * float(groups.sem[name]) + 1e-9
@@ -95,7 +95,7 @@ def test_group_traces_match_exact_diagonal_blocks():
         offsets = np.cumsum([0] + sizes)
         exact = {n: np.trace(h[a:b, a:b]) for n, a, b in
                  zip(names, offsets[:-1], offsets[1:], strict=True)}
-        est = jax.jit(lambda k: hessian_group_traces(loss_fn, params, k, num_matvecs=300,
+        est = jax.jit(lambda k: hessian_group_traces(loss_fn, params, key=k, num_probes=300,
                                                      groups="leaf"))(jax.random.key(5))
         assert set(est.value) == set(exact)
         for n in exact:
@@ -114,7 +114,7 @@ def test_top_eigenvalues_match_eigvalsh_of_materialized_hessian():
         loss_fn = lambda p: squared_loss(p, x, y, act=jnp.tanh)
         exact = np.linalg.eigvalsh(np.asarray(dense_hessian(loss_fn, params)))
         n = exact.size
-        r = jax.jit(lambda k: hessian_eigenpairs(loss_fn, params, k, num_eigs=5, num_steps=80))(
+        r = jax.jit(lambda k: hessian_eigenpairs(loss_fn, params, key=k, num_eigs=5, num_steps=80))(
             jax.random.key(7))
         np.testing.assert_allclose(np.asarray(r.values), exact[::-1][:5], rtol=1e-4)
         # Eigenvectors come back as parameter pytrees; check H x = θ x via the HVP.
@@ -123,7 +123,7 @@ def test_top_eigenvalues_match_eigvalsh_of_materialized_hessian():
         hx = ravel_pytree(hvp(x0))[0]
         np.testing.assert_allclose(hx, float(r.values[0]) * ravel_pytree(x0)[0],
                                    atol=1e-6 * abs(float(r.values[0])))
-        bottom = jax.jit(lambda k: hessian_eigenpairs(loss_fn, params, k, num_eigs=2,
+        bottom = jax.jit(lambda k: hessian_eigenpairs(loss_fn, params, key=k, num_eigs=2,
                                                       num_steps=n, which="smallest"))(
             jax.random.key(8))
         np.testing.assert_allclose(np.asarray(bottom.values), exact[:2], rtol=1e-6, atol=1e-9)
@@ -163,9 +163,9 @@ def test_vmap_over_four_inits_equals_loop():
 
     def measure(p, k):
         k1, k2, k3 = jax.random.split(k, 3)
-        t = hessian_trace(loss, p, k1, num_matvecs=8)
-        e = hessian_eigenpairs(loss, p, k2, num_eigs=2, num_steps=12)
-        g = hessian_group_traces(loss, p, k3, num_matvecs=4)
+        t = hessian_trace(loss, p, key=k1, num_probes=8)
+        e = hessian_eigenpairs(loss, p, key=k2, num_eigs=2, num_steps=12)
+        g = hessian_group_traces(loss, p, key=k3, num_probes=4)
         return t.value, e.values, g.value["layer1"]
 
     batched = jax.jit(jax.vmap(measure))(params, keys)
@@ -187,7 +187,7 @@ def test_density_of_small_hessian_and_hvp_modes_agree():
             ravel_pytree(hessian_matvec(loss_fn, params, linearize=False)(v))[0], rtol=1e-12)
         exact = np.linalg.eigvalsh(np.asarray(dense_hessian(loss_fn, params)))
         n = exact.size
-        d = jax.jit(lambda k: hessian_density(loss_fn, params, k, num_steps=n, num_probes=4,
+        d = jax.jit(lambda k: hessian_density(loss_fn, params, key=k, num_steps=n, num_probes=4,
                                               sigma=0.05))(jax.random.key(13))
         # Full Krylov space: every probe's nodes are the exact eigenvalues.
         np.testing.assert_allclose(np.sort(np.asarray(d.nodes[0])), exact, atol=1e-8)
@@ -197,13 +197,13 @@ def test_bad_input_errors():
     params = init_mlp(jax.random.key(0))
     x, y = data()
     with pytest.raises(ValueError, match="scalar"):
-        hessian_trace(lambda p: mlp(p, x), params, jax.random.key(0))
+        hessian_trace(lambda p: mlp(p, x), params, key=jax.random.key(0))
     with pytest.raises(ValueError, match="method"):
-        hessian_trace(lambda p: squared_loss(p, x, y), params, jax.random.key(0), method="xtrace")
+        hessian_trace(lambda p: squared_loss(p, x, y), params, key=jax.random.key(0), method="xtrace")
     with pytest.raises(ValueError, match="groups"):
         parameter_groups(params, "module")
-    with pytest.raises(ValueError, match="num_matvecs"):
-        group_traces(lambda v: v, jax.random.key(0), params, num_matvecs=1)
+    with pytest.raises(ValueError, match="num_probes"):
+        group_traces(lambda v: v, params, key=jax.random.key(0), num_probes=1)
     with pytest.raises(ValueError, match="num_steps=500"):
-        hessian_eigenpairs(lambda p: squared_loss(p, x, y), params, jax.random.key(0),
+        hessian_eigenpairs(lambda p: squared_loss(p, x, y), params, key=jax.random.key(0),
                            num_steps=500)

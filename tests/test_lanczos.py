@@ -32,7 +32,7 @@ def test_extreme_ritz_values_match_eigvalsh_float64():
         a = jnp.asarray(_sym(120, 0))
         exact = np.linalg.eigvalsh(np.asarray(a))
         est = eigh_extreme(60, 3, which="both")
-        r = est(lambda v: a @ v, jax.random.key(0), jnp.zeros(120))
+        r = est(lambda v: a @ v, jnp.zeros(120), key=jax.random.key(0))
         assert r.values.dtype == jnp.float64
         got = np.asarray(r.values)
         want = np.concatenate([exact[:3], exact[-3:]])
@@ -112,7 +112,7 @@ def test_restart_finds_multiplicities():
     with jax.enable_x64(True):
         lam = jnp.asarray([5.0, 5.0, 5.0, 2.0, 1.0, 1.0, 0.5, 0.1])
         est = eigh_extreme(8, 4, which="largest")
-        r = est(lambda v: lam * v, jax.random.key(1), jnp.zeros(8))
+        r = est(lambda v: lam * v, jnp.zeros(8), key=jax.random.key(1))
         np.testing.assert_allclose(r.values, [5.0, 5.0, 5.0, 2.0], rtol=1e-10)
 
 
@@ -133,7 +133,7 @@ def test_pytree_operator_and_vmap_over_start_vectors():
     for i in range(3):
         single = decompose(jax.tree.map(lambda x, i=i: x[i], trees))
         np.testing.assert_allclose(batched.diag[i], single.diag, rtol=1e-5, atol=1e-6)
-    est = eigh_extreme(12, 2)(matvec, jax.random.key(0), like)
+    est = eigh_extreme(12, 2)(matvec, like, key=jax.random.key(0))
     assert est.vectors["w"].shape == (2, 2, 4) and est.vectors["b"].shape == (2, 4)
     np.testing.assert_allclose(est.values, np.linalg.eigvalsh(np.asarray(a))[::-1][:2], rtol=1e-4)
 
@@ -149,10 +149,10 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="reortho"):
         lanczos_tridiag(3, reortho="partial")
     with pytest.raises(ValueError, match="not symmetric"):
-        check_symmetric(lambda v: jnp.triu(a) @ v, jax.random.key(0), jnp.zeros(10))
+        check_symmetric(lambda v: jnp.triu(a) @ v, jnp.zeros(10), key=jax.random.key(0))
     with pytest.raises(ValueError, match="not symmetric"):
-        eigh_extreme(5, 1)(lambda v: jnp.triu(a) @ v, jax.random.key(0), jnp.zeros(10))
-    check_symmetric(lambda v: a @ v, jax.random.key(0), jnp.zeros(10))  # passes
+        eigh_extreme(5, 1)(lambda v: jnp.triu(a) @ v, jnp.zeros(10), key=jax.random.key(0))
+    check_symmetric(lambda v: a @ v, jnp.zeros(10), key=jax.random.key(0))  # passes
 
 
 def test_nonfinite_matvec_stops_with_error_eagerly_and_flag_under_jit():
@@ -171,8 +171,8 @@ def test_nonfinite_matvec_stops_with_error_eagerly_and_flag_under_jit():
     assert np.all(np.isfinite(np.asarray(res.diag))) and np.all(np.isfinite(res.basis))
     msg = r"non-finite value \(NaN or inf\) at Lanczos step \d+ of 8"
     with pytest.raises(ValueError, match=msg):
-        eigh_extreme(8, 1, check_symmetry=False)(bad, jax.random.key(0), v0)
-    jitted = jax.jit(lambda k: eigh_extreme(8, 1, check_symmetry=False)(bad, k, v0))
+        eigh_extreme(8, 1, check_symmetry=False)(bad, v0, key=jax.random.key(0))
+    jitted = jax.jit(lambda k: eigh_extreme(8, 1, check_symmetry=False)(bad, v0, key=k))
     out = jitted(jax.random.key(0))
     assert int(out.num_finite_steps) < 8 and np.all(np.isfinite(np.asarray(out.values)))
 

@@ -48,7 +48,7 @@ def test_density_within_derived_distance_of_exact_spectrum():
         lam = np.concatenate([rng.uniform(0.5, 1.5, 200), rng.uniform(4, 6, 99), [12.0]])
         a = jnp.asarray(_matrix_with_spectrum(lam, 1))
         d = jax.jit(lambda key: spectral_density(
-            lambda v: a @ v, key, jnp.zeros(n), num_steps=k, num_probes=nv, num_grid=2000,
+            lambda v: a @ v, jnp.zeros(n), key=key, num_steps=k, num_probes=nv, num_grid=2000,
             sigma=0.2))(jax.random.key(0))
         span = lam.max() - lam.min()
         w1 = wasserstein_distance(np.ravel(d.nodes), lam, np.ravel(d.weights), None)
@@ -68,7 +68,7 @@ def test_resmoothing_is_a_pure_function_of_nodes_and_weights():
     with jax.enable_x64(True):
         lam = np.linspace(1.0, 3.0, 40)
         a = jnp.asarray(_matrix_with_spectrum(lam, 2))
-        d = spectral_density(lambda v: a @ v, jax.random.key(1), jnp.zeros(40),
+        d = spectral_density(lambda v: a @ v, jnp.zeros(40), key=jax.random.key(1),
                              num_steps=10, num_probes=3, rel_sigma=0.05)
         nodes, weights = np.asarray(d.nodes), np.asarray(d.weights)
         np.testing.assert_allclose(float(d.sigma), 0.05 * (nodes.max() - nodes.min()))
@@ -93,7 +93,7 @@ def test_trace_functions_and_log_determinant():
         lam = np.random.default_rng(3).uniform(1.0, 10.0, n)
         a = jnp.asarray(_matrix_with_spectrum(lam, 4))
         d = jax.jit(lambda key: spectral_density(
-            lambda v: a @ v, key, jnp.zeros(n), num_steps=20, num_probes=30,
+            lambda v: a @ v, jnp.zeros(n), key=key, num_steps=20, num_probes=30,
             dist="normal"))(jax.random.key(2))
         # log is smooth on [1, 10]: the 20-node quadrature error (≤ ~1e-10) is far
         # below the probe noise, so the estimate is within 4 SE of the exact logdet.
@@ -123,7 +123,7 @@ def test_jacobian_log_density_and_logdet_of_jjt():
         # k = m: the Krylov space is the whole space and each probe's quadrature is
         # exact for any f; only probe noise remains.
         d = jax.jit(lambda key: jacobian_spectral_density(
-            fn, x, key, num_steps=m, num_probes=nv, sigma=0.25, dist="normal"))(jax.random.key(3))
+            fn, x, key=key, num_steps=m, num_probes=nv, sigma=0.25, dist="normal"))(jax.random.key(3))
         assert float(d.clipped_mass) == 0.0 and int(d.dim) == m
         logdet = trace_function(d.nodes, d.weights, jnp.log, m)
         assert abs(float(logdet.value) - np.sum(np.log(lam))) < 4 * float(logdet.sem)
@@ -141,7 +141,7 @@ def test_vmap_over_keys_equals_loop_and_jit():
     a = jnp.asarray(_matrix_with_spectrum(np.linspace(0.1, 2, n), 6), jnp.float32)
 
     def run(key):
-        return spectral_density(lambda v: a @ v, key, jnp.zeros(n), num_steps=8,
+        return spectral_density(lambda v: a @ v, jnp.zeros(n), key=key, num_steps=8,
                                 num_probes=2, sigma=0.1, num_grid=64)
 
     keys = jax.random.split(jax.random.key(7), 3)
@@ -158,24 +158,24 @@ def test_bad_input_errors():
     mv = lambda v: a @ v
     key, like = jax.random.key(0), jnp.zeros(6)
     with pytest.raises(ValueError, match="sigma"):
-        spectral_density(mv, key, like, num_steps=3, sigma=0.0)
+        spectral_density(mv, like, key=key, num_steps=3, sigma=0.0)
     with pytest.raises(ValueError, match="sigma"):
-        spectral_density(mv, key, like, num_steps=3, sigma=-1.0)
+        spectral_density(mv, like, key=key, num_steps=3, sigma=-1.0)
     with pytest.raises(ValueError, match="rel_sigma"):
-        spectral_density(mv, key, like, num_steps=3, rel_sigma=0.0)
+        spectral_density(mv, like, key=key, num_steps=3, rel_sigma=0.0)
     with pytest.raises(ValueError, match="not both"):
-        spectral_density(mv, key, like, num_steps=3, sigma=0.1, rel_sigma=0.1)
+        spectral_density(mv, like, key=key, num_steps=3, sigma=0.1, rel_sigma=0.1)
     with pytest.raises(ValueError, match="num_steps=7"):
-        spectral_density(mv, key, like, num_steps=7)
+        spectral_density(mv, like, key=key, num_steps=7)
     with pytest.raises(ValueError, match="not symmetric"):
-        spectral_density(lambda v: jnp.triu(jnp.ones((6, 6))) @ v, key, like, num_steps=3)
+        spectral_density(lambda v: jnp.triu(jnp.ones((6, 6))) @ v, like, key=key, num_steps=3)
     with pytest.raises(ValueError, match="sigma"):
         smooth_density(jnp.ones((1, 3)), jnp.ones((1, 3)) / 3, jnp.linspace(0, 2, 5), -0.5)
     # Non-finite operator: clear error eagerly, flag (no NaN in the density) under jit.
     bad = lambda v: jnp.log(v[0] - 10.0) * (a @ v)  # log of a negative number: NaN
     with pytest.raises(ValueError, match="non-finite"):
-        spectral_density(bad, key, like, num_steps=3, check_symmetry=False)
-    out = jax.jit(lambda k: spectral_density(bad, k, like, num_steps=3, check_symmetry=False,
+        spectral_density(bad, like, key=key, num_steps=3, check_symmetry=False)
+    out = jax.jit(lambda k: spectral_density(bad, like, key=k, num_steps=3, check_symmetry=False,
                                              sigma=0.1))(key)
     np.testing.assert_array_equal(out.num_finite_steps, 0)
     assert np.all(np.isfinite(np.asarray(out.density)))

@@ -51,7 +51,9 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from gne_jax._tree import is_concrete
-from gne_jax._validate import check_key
+from gne_jax._validate import check_key, legacy_key
+from gne_jax.probes import compiled
+from gne_jax.probes.compiled import AbstractTree
 
 Array = jax.Array
 PyTree = Any
@@ -154,9 +156,11 @@ def check_num_steps(num_steps: int, dim: int, name: str = "num_steps") -> None:
 
 def check_symmetric(
     matvec: Callable[[PyTree], PyTree],
-    key: Array,
     like: PyTree,
+    legacy_like: PyTree = None,
+    /,
     *,
+    key: Array | None = None,
     rtol: float | None = None,
     skip_if_traced: bool = False,
 ) -> None:
@@ -170,11 +174,23 @@ def check_symmetric(
     traced values) it raises a ``ValueError`` saying so, or returns silently
     with ``skip_if_traced=True`` (what the Lanczos wrappers do).
     """
+    like, key = legacy_key(like, legacy_like, key)
     key = check_key(key)
     matvec_flat, _, n = flatten_matvec(matvec, like)
     dtype = ravel_like(like)[0].dtype
-    if rtol is None:
-        rtol = 10.0 * math.sqrt(float(jnp.finfo(dtype).eps))
+    stats = symmetry_stats(matvec_flat, key, n, dtype)
+    if not is_concrete(stats):
+        if skip_if_traced:
+            return
+        raise ValueError(
+            "check_symmetric needs concrete values; call it outside jit/vmap "
+            "(inside jit, the symmetry check is skipped by the Lanczos wrappers)"
+        )
+    raise_if_asymmetric(stats, rtol)
+
+
+def symmetry_stats(matvec_flat: Callable, key: Array, n: int, dtype) -> tuple[Array, ...]:
+    """(uᵀAv, vᵀAu, (‖u‖‖Av‖ + ‖v‖‖Au‖)/2) for standard-normal u, v (traceable)."""
     ku, kv = jax.random.split(key)
     u = jax.random.normal(ku, (n,), dtype)
     v = jax.random.normal(kv, (n,), dtype)
@@ -183,13 +199,16 @@ def check_symmetric(
     scale = 0.5 * (
         jnp.linalg.norm(u) * jnp.linalg.norm(av) + jnp.linalg.norm(v) * jnp.linalg.norm(au)
     )
-    if not is_concrete(s, t, scale):
-        if skip_if_traced:
-            return
-        raise ValueError(
-            "check_symmetric needs concrete values; call it outside jit/vmap "
-            "(inside jit, the symmetry check is skipped by the Lanczos wrappers)"
-        )
+    return s, t, scale
+
+
+def raise_if_asymmetric(stats, rtol: float | None = None) -> None:
+    """The eager verdict of ``check_symmetric`` on ``symmetry_stats`` (no-op when traced)."""
+    if stats is None or not is_concrete(stats):
+        return
+    s, t, scale = stats
+    if rtol is None:
+        rtol = 10.0 * math.sqrt(float(jnp.finfo(jnp.result_type(s)).eps))
     if not (bool(jnp.isfinite(s)) and bool(jnp.isfinite(t))):
         raise ValueError("matvec returned non-finite values on the symmetry check vectors")
     gap = abs(float(s) - float(t))
@@ -243,15 +262,25 @@ def lanczos_tridiag(
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
 
+    opts = dict(num_steps=num_steps, reortho=reortho, breakdown_rtol=breakdown_rtol)
+
     def decompose(matvec, v0) -> LanczosResult:
-        matvec_flat, _, n = flatten_matvec(matvec, v0)
-        check_num_steps(num_steps, n)
         v = ravel_pytree(v0)[0]
+        check_num_steps(num_steps, v.shape[0])
         if not jnp.issubdtype(v.dtype, jnp.floating):
             raise TypeError(f"v0 must have a floating dtype, got {v.dtype}")
-        return _lanczos_flat(matvec_flat, v, num_steps, reortho, breakdown_rtol)
+        if not is_concrete(v0):
+            return _decompose(matvec, v0, **opts)
+        # eagerly: one program per structure of the matvec (its arrays are data)
+        return compiled.call(_decompose, opts, [(matvec, (AbstractTree(v0).tree(),), "matvec")],
+                             (v0,))
 
     return decompose
+
+
+def _decompose(matvec, v0, *, num_steps, reortho, breakdown_rtol) -> LanczosResult:
+    matvec_flat, _, _ = flatten_matvec(matvec, v0)
+    return _lanczos_flat(matvec_flat, ravel_pytree(v0)[0], num_steps, reortho, breakdown_rtol)
 
 
 def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol) -> LanczosResult:
@@ -385,7 +414,7 @@ def eigh_extreme(
     reortho: str = "full",
     check_symmetry: bool = True,
 ) -> Callable[..., EigenResult]:
-    """Build ``estimate(matvec, key, like) -> EigenResult``: extreme eigenpairs by Lanczos.
+    """Build ``estimate(matvec, like, *, key) -> EigenResult``: extreme eigenpairs by Lanczos.
 
     Runs ``num_steps`` Lanczos steps from a standard-normal start vector drawn
     from ``key`` and returns the ``num_eigs`` largest (or smallest, or both) Ritz
@@ -396,7 +425,8 @@ def eigh_extreme(
     Eagerly (concrete ``like``), the matvec is checked for symmetry (two extra
     matvecs, ``check_symmetry=False`` to skip) and a non-finite value raises
     ``ValueError``; under ``jit``/``vmap`` neither check can raise: read
-    ``num_finite_steps`` (== num_steps when all went well).
+    ``num_finite_steps`` (== num_steps when all went well). Eagerly, the matvec's
+    arrays are data: a new matvec of the same structure compiles nothing new.
     """
     if which not in _WHICH:
         raise ValueError(f"which={which!r} is not one of {_WHICH}")
@@ -407,39 +437,58 @@ def eigh_extreme(
             f"which='both' returns 2*num_eigs={2 * num_eigs} values, more than "
             f"num_steps={num_steps} Ritz values; lower num_eigs or raise num_steps"
         )
-    decompose = lanczos_tridiag(num_steps, reortho=reortho)
+    opts = dict(num_steps=num_steps, num_eigs=num_eigs, which=which, reortho=reortho,
+                check_symmetry=check_symmetry)
 
-    def estimate(matvec, key, like) -> EigenResult:
-        flat, unravel = ravel_like(like)
-        check_num_steps(num_steps, flat.shape[0])
+    def estimate(matvec, like, legacy_like=None, /, *, key=None) -> EigenResult:
+        like, key = legacy_key(like, legacy_like, key)
         key = check_key(key)
-        k_start, k_sym = jax.random.split(key)
-        if check_symmetry:
-            check_symmetric(matvec, k_sym, like, skip_if_traced=True)
-        v0 = jax.random.normal(k_start, flat.shape, flat.dtype)
-        res = decompose(matvec, unravel(v0))
-        check_lanczos_result(res)
-        rz = ritz(res)
-        # Invalid (padding) values go to the far end so they are never selected.
-        big = jnp.finfo(rz.values.dtype).max
-        lo = jnp.where(rz.valid, rz.values, big)
-        hi = jnp.where(rz.valid, rz.values, -big)
-        if which == "largest":
-            idx = jnp.argsort(-hi)[:num_eigs]
-        elif which == "smallest":
-            idx = jnp.argsort(lo)[:num_eigs]
-        else:
-            idx = jnp.concatenate([jnp.argsort(lo)[:num_eigs], jnp.argsort(-hi)[:num_eigs][::-1]])
-        y = rz.vectors[:, idx]  # (k, m)
-        x = res.basis.T @ y  # (n, m)
-        x = x / jnp.linalg.norm(x, axis=0, keepdims=True)
-        vectors = jax.vmap(unravel)(x.T)
-        return EigenResult(
-            values=rz.values[idx],
-            vectors=vectors,
-            residual_norms=rz.residual_bounds[idx],
-            num_restarts=res.num_restarts,
-            num_finite_steps=res.num_finite_steps,
-        )
+        n = ravel_like(like)[0].shape[0]
+        check_num_steps(num_steps, n)
+        abstract = AbstractTree(like)
+        if not is_concrete((like, key)):
+            result, _ = _eigh_extreme(matvec, key, like=abstract, **opts)
+            return result
+        result, sym = compiled.call(_eigh_extreme, dict(like=abstract, **opts),
+                                    [(matvec, (abstract.tree(),), "matvec")], (key,))
+        raise_if_asymmetric(sym)
+        raise_if_nonfinite(result.num_finite_steps, num_steps)
+        return result
 
     return estimate
+
+
+def _eigh_extreme(matvec, key, *, like, num_steps, num_eigs, which, reortho, check_symmetry):
+    """(EigenResult, symmetry stats or None) of a matvec on vectors shaped like ``like``."""
+    like = like.tree()
+    flat, unravel = ravel_like(like)
+    k_start, k_sym = jax.random.split(key)
+    sym = None
+    if check_symmetry:
+        matvec_flat, _, n = flatten_matvec(matvec, like)
+        sym = symmetry_stats(matvec_flat, k_sym, n, flat.dtype)
+    v0 = jax.random.normal(k_start, flat.shape, flat.dtype)
+    res = lanczos_tridiag(num_steps, reortho=reortho)(matvec, unravel(v0))
+    rz = ritz(res)
+    # Invalid (padding) values go to the far end so they are never selected.
+    big = jnp.finfo(rz.values.dtype).max
+    lo = jnp.where(rz.valid, rz.values, big)
+    hi = jnp.where(rz.valid, rz.values, -big)
+    if which == "largest":
+        idx = jnp.argsort(-hi)[:num_eigs]
+    elif which == "smallest":
+        idx = jnp.argsort(lo)[:num_eigs]
+    else:
+        idx = jnp.concatenate([jnp.argsort(lo)[:num_eigs], jnp.argsort(-hi)[:num_eigs][::-1]])
+    y = rz.vectors[:, idx]  # (k, m)
+    x = res.basis.T @ y  # (n, m)
+    x = x / jnp.linalg.norm(x, axis=0, keepdims=True)
+    vectors = jax.vmap(unravel)(x.T)
+    result = EigenResult(
+        values=rz.values[idx],
+        vectors=vectors,
+        residual_norms=rz.residual_bounds[idx],
+        num_restarts=res.num_restarts,
+        num_finite_steps=res.num_finite_steps,
+    )
+    return result, sym

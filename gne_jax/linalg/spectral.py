@@ -31,22 +31,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from gne_jax._tree import is_concrete
-from gne_jax._validate import check_choice, check_key, check_positive_int
+from gne_jax._validate import (
+    check_choice,
+    check_float_tree,
+    check_input_tree,
+    check_key,
+    check_positive_int,
+    legacy_key,
+    renamed_argument,
+)
 from gne_jax.linalg.lanczos import (
     check_num_steps,
-    check_symmetric,
+    flatten_matvec,
     lanczos_tridiag,
+    raise_if_asymmetric,
     raise_if_nonfinite,
     ravel_like,
     ritz,
+    symmetry_stats,
 )
+from gne_jax.probes import compiled
+from gne_jax.probes.compiled import AbstractTree, hoist
 from gne_jax.probes.stochtrace import (
     DISTRIBUTIONS,
     TraceEstimate,
@@ -59,8 +72,9 @@ Array = jax.Array
 PyTree = Any
 
 
-class SpectralDensity(NamedTuple):
-    """SLQ spectral density of a symmetric operator.
+@struct.dataclass
+class SpectralDensity:
+    """SLQ spectral density of a symmetric operator (a pytree; ``dim`` is static).
 
     Attributes:
       nodes: ``(num_probes, num_steps)`` Ritz values θ_rj per probe (eigenvalue units,
@@ -85,9 +99,9 @@ class SpectralDensity(NamedTuple):
     density: Array
     sigma: Array
     clipped_mass: Array
-    dim: int
-    num_restarts: Array
-    num_finite_steps: Array
+    dim: int = struct.field(pytree_node=False)
+    num_restarts: Array = None
+    num_finite_steps: Array = None
 
 
 def gaussian_kernel(x: Array, sigma: Array) -> Array:
@@ -193,22 +207,25 @@ def default_log_floor(nodes: Array) -> Array:
 
 def slq_nodes(
     matvec: Callable[[PyTree], PyTree],
-    key: Array,
     like: PyTree,
+    legacy_like: PyTree = None,
+    /,
     *,
+    key: Array | None = None,
     num_steps: int,
     num_probes: int,
     dist: str = "rademacher",
     reortho: str = "full",
-    chunk_size: int | None = None,
+    probe_chunk: int | None = None,
 ):
     """Lanczos quadrature nodes and weights for ``num_probes`` random unit start vectors.
 
     Returns ``(nodes, weights, num_restarts, num_finite_steps)`` with leading axis
     ``num_probes``. Probes are drawn like the trace estimators' (Rademacher or
     normal, then normalized), vmapped (or ``lax.map``-ped in chunks of
-    ``chunk_size``). Pure: no eager checks here.
+    ``probe_chunk``). Pure: no eager checks here.
     """
+    like, key = legacy_key(like, legacy_like, key)
     check_positive_int(num_probes, "num_probes")
     check_choice(dist, "dist", DISTRIBUTIONS)
     key = check_key(key)
@@ -224,14 +241,85 @@ def slq_nodes(
         rz = ritz(res)
         return rz.values, rz.weights, res.num_restarts, res.num_finite_steps
 
-    return map_probes(one, jax.random.split(key, num_probes), chunk_size)
+    return map_probes(one, jax.random.split(key, num_probes), probe_chunk)
+
+
+def _check_density_options(*, num_steps, num_probes, num_grid, sigma, rel_sigma, dist, reortho,
+                           probe_chunk, n):
+    _check_sigma(sigma, "sigma")
+    _check_sigma(rel_sigma, "rel_sigma")
+    if sigma is not None and rel_sigma is not None:
+        raise ValueError("give either `sigma` (absolute) or `rel_sigma` (relative), not both")
+    check_num_steps(num_steps, n)
+    check_positive_int(num_probes, "num_probes")
+    check_positive_int(num_grid, "num_grid", minimum=2)
+    check_choice(dist, "dist", DISTRIBUTIONS)
+    check_choice(reortho, "reortho", ("full", "none"))
+    if probe_chunk is not None:
+        check_positive_int(probe_chunk, "probe_chunk")
+
+
+def _density(matvec, key, arrays, like, *, num_steps, num_probes, num_grid, log_scale, dist,
+             reortho, probe_chunk, check_symmetry):
+    """(SpectralDensity, symmetry stats or None): the traceable core of the densities."""
+    k_nodes, k_sym = jax.random.split(key)
+    flat = ravel_like(like)[0]
+    n = flat.shape[0]
+    sym = None
+    if check_symmetry:
+        matvec_flat, _, _ = flatten_matvec(matvec, like)
+        sym = symmetry_stats(matvec_flat, k_sym, n, flat.dtype)
+    nodes, weights, restarts, nfinite = slq_nodes(
+        matvec, like, key=k_nodes, num_steps=num_steps, num_probes=num_probes, dist=dist,
+        reortho=reortho, probe_chunk=probe_chunk,
+    )
+    if log_scale:
+        floor = arrays.get("log_floor")
+        floor = default_log_floor(nodes) if floor is None else floor
+        x, w, clipped = log_nodes(nodes, weights, floor)
+        clipped_mass = jnp.mean(clipped)
+    else:
+        x, w, clipped_mass = nodes, weights, jnp.zeros((), nodes.dtype)
+    sig = resolve_sigma(x, arrays.get("sigma"), arrays.get("rel_sigma"), weights=w)
+    grid = arrays.get("grid")
+    if grid is None:
+        grid = density_grid(x, sig, num_grid, weights=w)
+    density = smooth_density(x, w, grid, sig)
+    result = SpectralDensity(nodes, weights, grid, density, sig, clipped_mass, n, restarts,
+                             nfinite)
+    return result, sym
+
+
+def _density_program(matvec, key, arrays, *, like, **opts):
+    return _density(matvec, key, arrays, like.tree(), **opts)
+
+
+def _jacobian_density_program(fn, x, key, arrays, **opts):
+    from gne_jax.probes.jacobian import jacobian_operators
+
+    ops = jacobian_operators(fn, x)
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype), ops.out)
+    return _density(ops.jjt, key, arrays, like, **opts)
+
+
+def _density_arrays(sigma, rel_sigma, grid, log_floor) -> dict:
+    values = dict(sigma=sigma, rel_sigma=rel_sigma, grid=grid, log_floor=log_floor)
+    return {k: jnp.asarray(v) for k, v in values.items() if v is not None}
+
+
+def _finish(result, sym, what):
+    raise_if_asymmetric(sym)
+    raise_if_nonfinite(result.num_finite_steps, result.nodes.shape[-1], what)
+    return result
 
 
 def spectral_density(
     matvec: Callable[[PyTree], PyTree],
-    key: Array,
     like: PyTree,
+    legacy_like: PyTree = None,
+    /,
     *,
+    key: Array | None = None,
     num_steps: int = 30,
     num_probes: int = 8,
     num_grid: int = 512,
@@ -242,14 +330,17 @@ def spectral_density(
     log_floor=None,
     dist: str = "rademacher",
     reortho: str = "full",
-    chunk_size: int | None = None,
+    probe_chunk: int | None = None,
     check_symmetry: bool = True,
+    chunk_size: int | None = None,
 ) -> SpectralDensity:
-    """SLQ spectral density of a symmetric ``matvec`` (pytree → like-shaped pytree).
+    """SLQ spectral density ρ̂(λ) = (1/n_v) Σ_r Σ_j τ_rj g_σ(λ − θ_rj) of a symmetric ``matvec``.
 
     Args:
-      matvec, key, like: the operator, a PRNG key, a pytree (or ShapeDtypeStructs)
-        giving the vector shape; n = total size.
+      matvec, like: the operator (pytree → like-shaped pytree) and a pytree (or
+        ShapeDtypeStructs) giving the vector shape; n = total size.
+      key: PRNG key (keyword-only; the old positional ``(matvec, key, like)`` order
+        still works for one release, with a ``DeprecationWarning``).
       num_steps: Lanczos steps per probe (k ≤ n); cost is num_steps·num_probes matvecs.
       num_probes: random start vectors n_v.
       num_grid: grid points when ``grid`` is None.
@@ -262,62 +353,83 @@ def spectral_density(
       log_scale: density of t = log λ (PSD operators: JJᵀ, Gauss–Newton); nodes below
         ``log_floor`` (default ``default_log_floor``) are dropped and counted in
         ``clipped_mass``.
-      dist, reortho, chunk_size: probe distribution, Lanczos reorthogonalization
+      dist, reortho, probe_chunk: probe distribution, Lanczos reorthogonalization
         ("full" or "none"), probes per ``lax.map`` chunk (None: vmap all).
-      check_symmetry: eagerly test the matvec for symmetry (two matvecs).
+      check_symmetry: test the matvec for symmetry (two matvecs; raises eagerly only).
+      chunk_size: deprecated name of ``probe_chunk``.
 
     Returns:
       ``SpectralDensity``. Eagerly, a non-finite matvec value raises ``ValueError``;
-      under jit/vmap read ``num_finite_steps``.
+      under jit/vmap read ``num_finite_steps``. Eagerly, the matvec's closed-over arrays
+      are data: a new matvec of the same structure compiles nothing new.
     """
+    like, key = legacy_key(like, legacy_like, key)
     key = check_key(key)
-    _check_sigma(sigma, "sigma")
-    _check_sigma(rel_sigma, "rel_sigma")
-    if sigma is not None and rel_sigma is not None:
-        raise ValueError("give either `sigma` (absolute) or `rel_sigma` (relative), not both")
-    k_nodes, k_sym = jax.random.split(key)
+    probe_chunk = renamed_argument(probe_chunk, chunk_size, new="probe_chunk",
+                                   old="chunk_size", default=None)
     n = ravel_like(like)[0].shape[0]
-    check_num_steps(num_steps, n)
-    if check_symmetry:
-        check_symmetric(matvec, k_sym, like, skip_if_traced=True)
-    nodes, weights, restarts, nfinite = slq_nodes(
-        matvec, k_nodes, like, num_steps=num_steps, num_probes=num_probes, dist=dist,
-        reortho=reortho, chunk_size=chunk_size,
-    )
-    raise_if_nonfinite(nfinite, num_steps, "matvec (spectral_density)")
-    if log_scale:
-        floor = default_log_floor(nodes) if log_floor is None else log_floor
-        x, w, clipped = log_nodes(nodes, weights, floor)
-        clipped_mass = jnp.mean(clipped)
-    else:
-        x, w, clipped_mass = nodes, weights, jnp.zeros((), nodes.dtype)
-    sig = resolve_sigma(x, sigma, rel_sigma, weights=w)
-    if grid is None:
-        grid = density_grid(x, sig, num_grid, weights=w)
-    density = smooth_density(x, w, grid, sig)
-    return SpectralDensity(nodes, weights, grid, density, sig, clipped_mass, n, restarts, nfinite)
+    opts = dict(num_steps=num_steps, num_probes=num_probes, num_grid=num_grid,
+                log_scale=bool(log_scale), dist=dist, reortho=reortho, probe_chunk=probe_chunk,
+                check_symmetry=bool(check_symmetry))
+    _check_density_options(sigma=sigma, rel_sigma=rel_sigma, n=n,
+                           **{k: opts[k] for k in ("num_steps", "num_probes", "num_grid", "dist",
+                                                   "reortho", "probe_chunk")})
+    arrays = _density_arrays(sigma, rel_sigma, grid, log_floor)
+    abstract = AbstractTree(like)
+    if not is_concrete((like, key, arrays)):
+        return _density(matvec, key, arrays, abstract.tree(), **opts)[0]
+    result, sym = compiled.call(_density_program, dict(like=abstract, **opts),
+                                [(matvec, (abstract.tree(),), "matvec")], (key, arrays))
+    return _finish(result, sym, "matvec (spectral_density)")
 
 
 def jacobian_spectral_density(
     fn: Callable[[PyTree], PyTree],
     x: PyTree,
-    key: Array,
+    legacy_key_: Array | None = None,
+    /,
     *,
+    key: Array | None = None,
     log_scale: bool = True,
-    **kwargs,
+    num_steps: int = 30,
+    num_probes: int = 8,
+    num_grid: int = 512,
+    sigma=None,
+    rel_sigma=None,
+    grid: Array | None = None,
+    log_floor=None,
+    dist: str = "rademacher",
+    reortho: str = "full",
+    probe_chunk: int | None = None,
+    check_symmetry: bool = True,
 ) -> SpectralDensity:
     """Density of the squared singular values of J = ∂fn/∂x: eigenvalues of JJᵀ (m × m).
 
     JJᵀ comes from ``gne_jax.probes.jacobian.jacobian_operators(fn, x).jjt`` (one
     linearization, VJP then JVP: two Jacobian products per Lanczos step). Defaults
-    to a log scale since these spectra span orders of magnitude; other keyword
-    arguments go to ``spectral_density``.
+    to a log scale since these spectra span orders of magnitude; the other options are
+    those of ``spectral_density``. ``fn``'s closed-over arrays and ``x`` are data: one
+    compilation per structure.
     """
-    from gne_jax.probes.jacobian import jacobian_operators
-
-    ops = jacobian_operators(fn, x)
-    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype), ops.out)
-    return spectral_density(ops.jjt, key, like, log_scale=log_scale, **kwargs)
+    if legacy_key_ is not None:
+        _, key = legacy_key(legacy_key_, x, key, like_name="x")
+    key = check_key(key)
+    check_input_tree(x, "x")
+    opts = dict(num_steps=num_steps, num_probes=num_probes, num_grid=num_grid,
+                log_scale=bool(log_scale), dist=dist, reortho=reortho, probe_chunk=probe_chunk,
+                check_symmetry=bool(check_symmetry))
+    structure, _ = hoist(fn, x, argname="fn")
+    check_float_tree(structure.out_shape, "fn(x)")
+    _check_density_options(sigma=sigma, rel_sigma=rel_sigma,
+                           n=sum(math.prod(a.shape) for a in jax.tree.leaves(structure.out_shape)),
+                           **{k: opts[k] for k in ("num_steps", "num_probes", "num_grid", "dist",
+                                                   "reortho", "probe_chunk")})
+    arrays = _density_arrays(sigma, rel_sigma, grid, log_floor)
+    if not is_concrete((x, key, arrays)):
+        return _jacobian_density_program(fn, x, key, arrays, **opts)[0]
+    result, sym = compiled.call(_jacobian_density_program, opts, [(fn, (x,), "fn")],
+                                (x, key, arrays))
+    return _finish(result, sym, "JJᵀ (jacobian_spectral_density)")
 
 
 def trace_function(nodes: Array, weights: Array, f: Callable[[Array], Array], dim: int):

@@ -33,10 +33,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gne_jax._tree import is_concrete
-from gne_jax._validate import check_key, check_positive_int
+from gne_jax._validate import check_input_tree, check_key, check_positive_int
 from gne_jax.probes.block_moments import (
     BlockMoments,
     block_moments,
+    check_group_options,
     probe_compiler_options,
     raise_if_non_finite,
 )
@@ -89,7 +90,12 @@ def ensemble_block_moments(
     init_chunk: int | None = None,
     mesh: Mesh | None | str = "auto",
     compiler_options: dict | None | str = "auto",
-    **probe_kw,
+    num_probes: int = 32,
+    method: str = "hutchinson",
+    dist: str = "rademacher",
+    probe_chunk: int | None = None,
+    block_chunk: int | None = None,
+    end_to_end: bool = True,
 ) -> BlockMoments:
     """``BlockMoments`` of ``num_inits`` random initializations (leading axis: init).
 
@@ -110,19 +116,29 @@ def ensemble_block_moments(
         (``probe_compiler_options``), which compiles 1.5–2.5× faster and runs between 14%
         faster and 12% slower (``benchmarks/RESULTS.md``): right for compile-bound sweeps;
         ``None`` for XLA's defaults, e.g. for a long run-bound ensemble.
-      **probe_kw: ``num_probes``, ``method``, ``dist``, ``probe_chunk``, ``block_chunk``,
-        ``end_to_end`` (see ``groups_moments``).
+      num_probes, method, dist, probe_chunk, block_chunk, end_to_end: the per-block probe
+        options (see ``groups_moments``).
     """
     plan = plan_ensemble(model, x, key=key, num_inits=num_inits, train=train,
                          init_chunk=init_chunk, mesh=mesh, compiler_options=compiler_options,
-                         **probe_kw)
+                         num_probes=num_probes, method=method, dist=dist,
+                         probe_chunk=probe_chunk, block_chunk=block_chunk,
+                         end_to_end=end_to_end)
     return run_plan(plan)
 
 
 def plan_ensemble(model, x, *, key, num_inits, train=False, init_chunk=None, mesh="auto",
-                  compiler_options="auto", **probe_kw) -> EnsemblePlan:
+                  compiler_options="auto", num_probes=32, method="hutchinson",
+                  dist="rademacher", probe_chunk=None, block_chunk=None,
+                  end_to_end=True) -> EnsemblePlan:
     """Checks the arguments and prepares (without running) ``ensemble_block_moments``."""
     key = check_key(key)
+    probe_kw = check_group_options(num_probes=num_probes, method=method, dist=dist,
+                                   probe_chunk=probe_chunk, block_chunk=block_chunk,
+                                   end_to_end=end_to_end)
+    if not isinstance(train, bool):
+        raise TypeError(f"`train` must be a bool; got {train!r}.")
+    check_input_tree(x, "x")
     num_inits = check_positive_int(num_inits, "num_inits")
     if init_chunk is not None:
         check_positive_int(init_chunk, "init_chunk")

@@ -17,18 +17,26 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from gne_jax._tree import is_concrete, tree_size, tree_sq_norm
-from gne_jax._validate import check_choice, check_key, check_positive_int
+from gne_jax._tree import is_concrete, tree_size
+from gne_jax._validate import (
+    check_choice,
+    check_float_tree,
+    check_input_tree,
+    check_key,
+    check_positive_int,
+)
+from gne_jax.probes import compiled
+from gne_jax.probes.compiled import hoist
 from gne_jax.probes.jacobian import jacobian_operators, output_shape
 from gne_jax.probes.stochtrace import (
     DISTRIBUTIONS,
-    _float_dtype,
     hutchpp_split,
     map_probes,
     mean_and_sem,
@@ -43,8 +51,9 @@ NORMALIZE_BY = ("output", "input")
 DEFAULT_EXACT_MAX_ENTRIES = 2**24  # 16.7 M Jacobian entries: 64 MiB in float32
 
 
-class JacobianMoments(NamedTuple):
-    """Estimated normalized moments of JJᵀ, with standard errors.
+@struct.dataclass
+class JacobianMoments:
+    """Estimated normalized moments of JJᵀ, with standard errors (a pytree).
 
     Attributes:
       phi: φ = Tr(JJᵀ)/size, the mean squared singular value (gradient-norm gain).
@@ -52,13 +61,20 @@ class JacobianMoments(NamedTuple):
       varphi: ϕ = φ₂ − φ², the spectral spread (Block Dynamical Isometry wants ϕ ≈ 0).
         The square is bias-corrected: φ̂² − SE(φ̂)² is unbiased for φ².
       phi_sem, phi2_sem, varphi_sem: standard errors from the probe noise (delta method
-        for ϕ); zero for ``method="exact"``. They do not include init-to-init variance.
+        for ϕ); zero for φ, φ₂ with ``method="exact"``. ``varphi_sem`` also carries the
+        rounding floor of the difference φ₂ − φ², 4·eps·(|φ₂| + φ²) with eps that of the
+        computation's dtype, so a ϕ lost to cancellation (large φ, small spread) is
+        reported with an SE that covers it. They do not include init-to-init variance.
       phi_samples, phi2_samples: per-probe values whose means are phi and phi2.
-      num_matvecs: probes spent (each one VJP + one JVP); 0 for ``"exact"``.
-      size: the normalizing dimension (m for "output", n for "input").
-      out_size, in_size: m and n.
+      num_matvecs: probes spent (each one VJP + one JVP); 0 for ``"exact"`` (static).
+      size: the normalizing dimension (m for "output", n for "input") (static).
+      out_size, in_size: m and n (static).
       finite: False when fn(x) or a probe was non-finite (only reachable under an
         outer jit/vmap; an eager call raises instead).
+
+    Static fields are not pytree leaves: results pass through ``jax.jit``, ``jax.vmap``
+    and ``jax.tree.map`` with them unchanged (Python ints). In a ``BlockMoments`` whose
+    blocks have different sizes they are tuples with one entry per block.
     """
 
     phi: jax.Array
@@ -69,18 +85,35 @@ class JacobianMoments(NamedTuple):
     varphi_sem: jax.Array
     phi_samples: jax.Array
     phi2_samples: jax.Array
-    num_matvecs: int
-    size: int
-    out_size: int
-    in_size: int
-    finite: jax.Array
+    num_matvecs: int = struct.field(pytree_node=False)
+    size: int = struct.field(pytree_node=False)
+    out_size: int = struct.field(pytree_node=False)
+    in_size: int = struct.field(pytree_node=False)
+    finite: jax.Array = None
+
+    @property
+    def spread(self) -> jax.Array:
+        """ϕ/φ² = φ₂/φ² − 1, the scale-free spectral spread (0 for an isometry up to scale)."""
+        return self.varphi / self.phi**2
+
+    @property
+    def spread_sem(self) -> jax.Array:
+        """Delta-method SE of ``spread`` from those of ϕ and φ (ignoring their covariance)."""
+        return jnp.sqrt((self.varphi_sem / self.phi**2) ** 2
+                        + (2 * self.varphi * self.phi_sem / self.phi**3) ** 2)
 
 
-def moments_from_samples(a: jax.Array, b: jax.Array) -> tuple[jax.Array, ...]:
+def precision_floor(phi, phi2, eps) -> jax.Array:
+    """Rounding error of φ₂ − φ² computed in a dtype of machine epsilon ``eps``."""
+    return 4.0 * eps * (jnp.abs(phi2) + phi**2)
+
+
+def moments_from_samples(a: jax.Array, b: jax.Array, eps: float = 0.0) -> tuple[jax.Array, ...]:
     """(φ, φ₂, ϕ, SEs) from per-probe samples a ≈ φ and b ≈ φ₂ (arrays of length k).
 
     ϕ̂ = b̄ − ā² + s_a²/k is unbiased (E ā² = φ² + Var ā). Its SE by the delta method:
-    Var(b̄ − ā²) ≈ Var b̄ + 4ā² Var ā − 4ā Cov(ā, b̄).
+    Var(b̄ − ā²) ≈ Var b̄ + 4ā² Var ā − 4ā Cov(ā, b̄), plus the squared rounding floor
+    ``precision_floor(ā, b̄, eps)`` of the difference.
     """
     k = a.shape[0]
     phi, phi_sem = mean_and_sem(a)
@@ -88,13 +121,31 @@ def moments_from_samples(a: jax.Array, b: jax.Array) -> tuple[jax.Array, ...]:
     cov_ab = jnp.sum((a - phi) * (b - phi2)) / (k - 1) / k
     varphi = phi2 - phi**2 + phi_sem**2
     var_varphi = phi2_sem**2 + 4 * phi**2 * phi_sem**2 - 4 * phi * cov_ab
-    return phi, phi2, varphi, phi_sem, phi2_sem, jnp.sqrt(jnp.maximum(var_varphi, 0.0))
+    var_varphi = jnp.maximum(var_varphi, 0.0) + precision_floor(phi, phi2, eps) ** 2
+    return phi, phi2, varphi, phi_sem, phi2_sem, jnp.sqrt(var_varphi)
+
+
+def _acc_dtype(tree):
+    """float32 at least: squared norms of float16/bfloat16 vectors overflow at 65,504."""
+    dtype = jnp.result_type(*jax.tree.leaves(tree))
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _sq_norm(tree) -> jax.Array:
+    acc = _acc_dtype(tree)
+    return sum(jnp.sum(jnp.square(leaf.astype(acc))) for leaf in jax.tree.leaves(tree))
+
+
+def _eps(*trees) -> float:
+    """Machine epsilon of the lowest-precision floating dtype among the leaves."""
+    leaves = [leaf for t in trees for leaf in jax.tree.leaves(t)]
+    return max(float(jnp.finfo(jnp.result_type(leaf)).eps) for leaf in leaves)
 
 
 def _hutchinson_samples(ops, key, num_probes, dist, probe_chunk):
     def one(k):
         u = ops.vjp(sample_probe(k, ops.out, dist))
-        return tree_sq_norm(u), tree_sq_norm(ops.jvp(u))
+        return _sq_norm(u), _sq_norm(ops.jvp(u))
 
     return map_probes(one, jax.random.split(key, num_probes), probe_chunk)
 
@@ -109,18 +160,19 @@ def _hutchpp_samples(ops, key, num_probes, dist):
             f"output size {m}; use method='exact' for such small outputs."
         )
 
-    def u_and_w(v):  # u = Jᵀv, w = JJᵀv, both flat
-        u = ops.vjp(unravel(v))
-        return ravel_pytree(u)[0], ravel_pytree(ops.jvp(u))[0]
+    acc = _acc_dtype(ops.out)
+
+    def u_and_w(v):  # u = Jᵀv, w = JJᵀv, both flat (accumulated in float32 at least)
+        u = ops.vjp(unravel(v.astype(flat_out.dtype)))
+        return ravel_pytree(u)[0].astype(acc), ravel_pytree(ops.jvp(u))[0].astype(acc)
 
     k_sketch, k_res = jax.random.split(key)
-    Q = orthonormal_sketch(lambda v: u_and_w(v)[1], k_sketch, m, s, _float_dtype(flat_out),
-                           dist)
+    Q = orthonormal_sketch(lambda v: u_and_w(v)[1], k_sketch, m, s, acc, dist)
     U, W = jax.vmap(u_and_w)(Q.T)
     exact_a, exact_b = jnp.sum(U**2), jnp.sum(W**2)  # Tr QᵀAQ, Tr QᵀA²Q
 
     def one(k):
-        g = ravel_pytree(sample_probe(k, ops.out, dist))[0]
+        g = ravel_pytree(sample_probe(k, ops.out, dist))[0].astype(acc)
         u, w = u_and_w(g - Q @ (Q.T @ g))
         return jnp.sum(u**2), jnp.sum(w**2)
 
@@ -139,6 +191,7 @@ def _exact_traces(ops, x):
     else:  # rows of J from m VJPs
         M = jax.vmap(lambda e: ravel_pytree(ops.vjp(unravel_out(e)))[0])(
             jnp.eye(m, dtype=flat_out.dtype))
+    M = M.astype(_acc_dtype(M))
     G = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
     return jnp.sum(M**2), jnp.sum(G**2)
 
@@ -147,17 +200,16 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("fn", "num_probes", "method", "dist", "normalize", "probe_chunk")
-)
-def _moments(fn, x, key, *, num_probes, method, dist, normalize, probe_chunk):
+def _moments_impl(fn, x, key, *, num_probes, method, dist, normalize, probe_chunk):
+    """The measurement itself (traceable; no checks, no compilation of its own)."""
     ops = jacobian_operators(fn, x)
     size = ops.out_size if normalize == "output" else ops.in_size
+    eps = _eps(x, ops.out)
     if method == "exact":
         tr1, tr2 = _exact_traces(ops, x)
         phi, phi2 = tr1 / size, tr2 / size
         zero = jnp.zeros_like(phi)
-        stats = (phi, phi2, phi2 - phi**2, zero, zero, zero)
+        stats = (phi, phi2, phi2 - phi**2, zero, zero, precision_floor(phi, phi2, eps))
         a, b, spent = phi[None], phi2[None], 0
     else:
         if method == "hutchinson":
@@ -165,10 +217,20 @@ def _moments(fn, x, key, *, num_probes, method, dist, normalize, probe_chunk):
         else:
             a, b = _hutchpp_samples(ops, key, num_probes, dist)
         a, b = a / size, b / size
-        stats = moments_from_samples(a, b)
+        stats = moments_from_samples(a, b, eps)
         spent = num_probes
     finite = _all_finite(ops.out) & jnp.isfinite(stats[0]) & jnp.isfinite(stats[1])
     return JacobianMoments(*stats, a, b, spent, size, ops.out_size, ops.in_size, finite)
+
+
+def check_moment_options(*, num_probes, method, dist, normalize="output", probe_chunk=None):
+    """Validates the probe options shared by the moment estimators (before any tracing)."""
+    check_choice(method, "method", METHODS)
+    check_choice(dist, "dist", DISTRIBUTIONS)
+    check_choice(normalize, "normalize", NORMALIZE_BY)
+    check_positive_int(num_probes, "num_probes", minimum=4 if method == "hutch++" else 2)
+    if probe_chunk is not None:
+        check_positive_int(probe_chunk, "probe_chunk")
 
 
 def jacobian_moments(
@@ -176,6 +238,7 @@ def jacobian_moments(
     x: PyTree,
     *,
     key: jax.Array | None = None,
+    params: PyTree = None,
     num_probes: int = 64,
     method: str = "hutchinson",
     dist: str = "rademacher",
@@ -183,13 +246,26 @@ def jacobian_moments(
     probe_chunk: int | None = None,
     exact_max_entries: int = DEFAULT_EXACT_MAX_ENTRIES,
 ) -> JacobianMoments:
-    """φ(JJᵀ), φ((JJᵀ)²) and ϕ of the Jacobian of ``fn`` at ``x``, with standard errors.
+    """φ(JJᵀ), φ((JJᵀ)²) and ϕ of the Jacobian J = ∂fn/∂x at ``x``, with standard errors.
+
+    With J the m×n Jacobian, φ = Tr(JJᵀ)/m, φ₂ = Tr((JJᵀ)²)/m, ϕ = φ₂ − φ²: for probes v
+    with E[vvᵀ] = I, u = Jᵀv gives E‖u‖² = Tr(JJᵀ) and E‖Ju‖² = Tr((JJᵀ)²).
+
+    Weights are data: an eager call traces ``fn`` (no compilation), turns the arrays it
+    closes over into arguments, and runs a program compiled once per structure
+    (``gne_jax.probes.compiled``). A new closure over new weights of the same
+    architecture (``lambda x: model.apply(new_params, x)``,
+    ``functools.partial(model.apply, variables)``) compiles nothing new, and no weight
+    or closure is kept alive by the cache.
 
     Args:
-      fn: pure function of a pytree of float arrays (a Flax ``apply`` with its variables
-        closed over, a block, a function of a dict...). Sizes are total element counts.
-      x: the input (for batch-coupled ``fn``, the whole batch).
-      key: PRNG key for the probes (not needed for ``method="exact"``).
+      fn: pure function of a pytree of real float arrays (a Flax ``apply`` with its
+        variables closed over, a block, a function of a dict...); with ``params``,
+        ``fn(params, x)``. Sizes are total element counts.
+      x: the input (for batch-coupled ``fn``, the whole batch). float16/bfloat16 inputs
+        are probed in their dtype and accumulated in float32.
+      key: PRNG key for the probes (keyword-only; not needed for ``method="exact"``).
+      params: optional explicit parameters: the Jacobian of ``x ↦ fn(params, x)``.
       num_probes: probes (each one VJP + one JVP); >= 2 (Hutch++: >= 4).
       method: ``"hutchinson"`` (default), ``"hutch++"`` (variance-reduced at the same
         number of probes; best when the spectrum decays) or ``"exact"`` (materializes J;
@@ -204,42 +280,56 @@ def jacobian_moments(
     Returns:
       ``JacobianMoments``. Pure: composes with jit, vmap (keys, parameters) and grad.
     """
-    check_choice(method, "method", METHODS)
-    check_choice(dist, "dist", DISTRIBUTIONS)
-    check_choice(normalize, "normalize", NORMALIZE_BY)
-    check_positive_int(num_probes, "num_probes", minimum=4 if method == "hutch++" else 2)
-    if probe_chunk is not None:
-        check_positive_int(probe_chunk, "probe_chunk")
+    check_moment_options(num_probes=num_probes, method=method, dist=dist, normalize=normalize,
+                         probe_chunk=probe_chunk)
     if not callable(fn):
         raise TypeError(f"`fn` must be a callable; got {type(fn).__name__}.")
+    check_input_tree(x, "x")
+    key = jax.random.key(0) if (method == "exact" and key is None) else check_key(key)
+    options = dict(num_probes=num_probes, method=method, dist=dist, normalize=normalize,
+                   probe_chunk=probe_chunk)
+    f = fn if params is None else functools.partial(fn, params)
+    eager = is_concrete((x, key, params))
+    if eager:
+        structure, consts = hoist(f, x, argname="fn")
+        out_struct = structure.out_shape
+    else:
+        out_struct = output_shape(f, x)
+    check_float_tree(out_struct, "fn(x)")
     if method == "exact":
-        entries = tree_size(output_shape(fn, x)) * tree_size(x)
+        entries = tree_size(out_struct) * tree_size(x)
         if entries > exact_max_entries:
             raise ValueError(
                 f"method='exact' would materialize a Jacobian with {entries} entries, above "
                 f"`exact_max_entries`={exact_max_entries}; use method='hutchinson' or raise "
                 f"the limit."
             )
-        key = jax.random.key(0) if key is None else check_key(key)  # unused
-    else:
-        key = check_key(key)
-    result = _moments(fn, x, key, num_probes=num_probes, method=method, dist=dist,
-                      normalize=normalize, probe_chunk=probe_chunk)
-    if is_concrete((x, key, result.finite)) and not bool(result.finite):
-        raise_non_finite(fn, x)
+    if not eager or not is_concrete(consts):  # under an outer jit/vmap/grad: inline
+        return _moments_impl(f, x, key, **options)
+    prog = compiled.program(_moments_impl, tuple(sorted(options.items())), (structure,))
+    result = prog([consts], x, key)
+    if not bool(result.finite):
+        raise_non_finite(structure.bind(consts), x)
     return result
 
 
 def raise_non_finite(fn, x) -> None:
-    """Says which of x, fn(x) or the Jacobian products is non-finite."""
+    """Says which of x, fn(x) or the Jacobian products is non-finite, and the likely cause."""
     if not bool(_all_finite(x)):
         raise FloatingPointError("`x` contains non-finite values (NaN or inf).")
-    if not bool(_all_finite(fn(x))):
+    out = fn(x)
+    dtypes = sorted({str(jnp.result_type(a)) for a in jax.tree.leaves((x, out))})
+    low = [d for d in dtypes if d in ("float16", "bfloat16")]
+    hint = (f" In {low[0]} the largest finite value is {float(jnp.finfo(low[0]).max):.6g}: "
+            f"compute in float32." if low else "")
+    if not bool(_all_finite(out)):
         raise FloatingPointError(
             "`fn(x)` is non-finite (NaN or inf) at the given input: the Jacobian moments are "
-            "undefined there. Check the function's parameters and input scale."
+            "undefined there. Check the function's parameters (a NaN weight?) and the input "
+            f"scale.{hint}"
         )
     raise FloatingPointError(
-        "the Jacobian products of `fn` at `x` overflowed to non-finite values; the Jacobian "
-        "is too large for this dtype (try float64 via jax_enable_x64 or rescale)."
+        "`x` and `fn(x)` are finite but the Jacobian products of `fn` at `x` are not: the "
+        "Jacobian overflows this dtype or the derivative is undefined there (e.g. sqrt or "
+        f"log at 0).{hint or ' Try float64 (jax_enable_x64) or rescale.'}"
     )

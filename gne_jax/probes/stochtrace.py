@@ -1,7 +1,7 @@
 """Stochastic trace estimation over any matvec (Hutchinson, Hutch++).
 
 Estimators are built by factories and are pure functions of
-``(matvec, key, like)``, in the style of matfree, so they can be jitted,
+``(matvec, like, *, key)``, in the style of matfree, so they can be jitted,
 vmapped (over keys, over the parameters a matvec closes over) and
 differentiated. ``like`` is a pytree of arrays or ``jax.ShapeDtypeStruct``\\ s
 giving the shape of the vectors ``matvec`` acts on; probes have that shape.
@@ -19,14 +19,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax.flatten_util import ravel_pytree
 
 from gne_jax._tree import tree_vdot
-from gne_jax._validate import check_choice, check_key, check_positive_int
+from gne_jax._validate import (
+    check_choice,
+    check_key,
+    check_positive_int,
+    legacy_key,
+    renamed_argument,
+)
 
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]
@@ -34,8 +41,9 @@ Matvec = Callable[[PyTree], PyTree]
 DISTRIBUTIONS = ("rademacher", "normal")
 
 
-class TraceEstimate(NamedTuple):
-    """An estimate of Tr A with its standard error.
+@struct.dataclass
+class TraceEstimate:
+    """An estimate of Tr A with its standard error (a pytree; ``num_matvecs`` is static).
 
     Attributes:
       value: the estimate of Tr A.
@@ -48,7 +56,7 @@ class TraceEstimate(NamedTuple):
     value: jax.Array
     sem: jax.Array
     samples: jax.Array
-    num_matvecs: int
+    num_matvecs: int = struct.field(pytree_node=False)
 
 
 def sample_probe(key: jax.Array, like: PyTree, dist: str = "rademacher") -> PyTree:
@@ -112,32 +120,39 @@ def mean_and_sem(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def hutchinson(
-    num_matvecs: int, /, *, dist: str = "rademacher", chunk_size: int | None = None
-) -> Callable[[Matvec, jax.Array, PyTree], TraceEstimate]:
-    """Hutchinson's estimator Tr A ≈ (1/k) Σ vᵢᵀ A vᵢ with k = ``num_matvecs`` probes.
+    num_probes: int, /, *, dist: str = "rademacher", probe_chunk: int | None = None,
+    chunk_size: int | None = None,
+) -> Callable[..., TraceEstimate]:
+    """Hutchinson's estimator Tr A ≈ (1/k) Σ vᵢᵀ A vᵢ with k = ``num_probes`` probes.
 
     Args:
-      num_matvecs: number of probes (one matvec each), >= 2 for a standard error.
+      num_probes: number of probes (one matvec each), >= 2 for a standard error.
       dist: ``"rademacher"`` (default; lower variance for diagonal-heavy A) or ``"normal"``.
-      chunk_size: evaluate the probes ``chunk_size`` at a time with ``lax.map`` to bound
+      probe_chunk: evaluate the probes ``probe_chunk`` at a time with ``lax.map`` to bound
         memory; ``None`` vmaps over all of them. Same key, same result, whatever the chunk.
+      chunk_size: deprecated name of ``probe_chunk``.
 
     Returns:
-      ``estimate(matvec, key, like) -> TraceEstimate``.
+      ``estimate(matvec, like, *, key) -> TraceEstimate`` (``like``: a pytree of arrays or
+      ShapeDtypeStructs shaped like the vectors).
     """
-    k = check_positive_int(num_matvecs, "num_matvecs", minimum=2)
+    k = check_positive_int(num_probes, "num_probes", minimum=2)
     check_choice(dist, "dist", DISTRIBUTIONS)
-    if chunk_size is not None:
-        check_positive_int(chunk_size, "chunk_size")
+    probe_chunk = renamed_argument(probe_chunk, chunk_size, new="probe_chunk",
+                                   old="chunk_size", default=None)
+    if probe_chunk is not None:
+        check_positive_int(probe_chunk, "probe_chunk")
 
-    def estimate(matvec: Matvec, key: jax.Array, like: PyTree) -> TraceEstimate:
+    def estimate(matvec: Matvec, like: PyTree, legacy_like: PyTree = None, /, *,
+                 key: jax.Array | None = None) -> TraceEstimate:
+        like, key = legacy_key(like, legacy_like, key)
         key = check_key(key)
 
         def one(k_):
             v = sample_probe(k_, like, dist)
             return tree_vdot(v, matvec(v))
 
-        samples = map_probes(one, jax.random.split(key, k), chunk_size)
+        samples = map_probes(one, jax.random.split(key, k), probe_chunk)
         value, sem = mean_and_sem(samples)
         return TraceEstimate(value, sem, samples, k)
 
@@ -160,8 +175,8 @@ def orthonormal_sketch(matvec_flat: Callable, key, n: int, s: int, dtype, dist: 
 
 
 def hutchpp(
-    num_matvecs: int, /, *, dist: str = "rademacher"
-) -> Callable[[Matvec, jax.Array, PyTree], TraceEstimate]:
+    num_probes: int, /, *, dist: str = "rademacher"
+) -> Callable[..., TraceEstimate]:
     """Hutch++: Tr A ≈ Tr(QᵀAQ) + (1/r) Σ gᵢᵀ(I−QQᵀ)A(I−QQᵀ)gᵢ, Q = orth(AS).
 
     The budget is split as s = ⌊m/3⌋ sketch matvecs, s for QᵀAQ and r = m − 2s random
@@ -169,20 +184,24 @@ def hutchpp(
     Hutchinson's at the same budget. The standard error is that of the residual term
     conditional on Q (the low-rank part is exact given Q).
 
+    ``num_probes`` is the total budget m of matvecs.
+
     Returns:
-      ``estimate(matvec, key, like) -> TraceEstimate``.
+      ``estimate(matvec, like, *, key) -> TraceEstimate``.
     """
-    m = check_positive_int(num_matvecs, "num_matvecs", minimum=4)
+    m = check_positive_int(num_probes, "num_probes", minimum=4)
     check_choice(dist, "dist", DISTRIBUTIONS)
     s, r = hutchpp_split(m)
 
-    def estimate(matvec: Matvec, key: jax.Array, like: PyTree) -> TraceEstimate:
+    def estimate(matvec: Matvec, like: PyTree, legacy_like: PyTree = None, /, *,
+                 key: jax.Array | None = None) -> TraceEstimate:
+        like, key = legacy_key(like, legacy_like, key)
         key = check_key(key)
         flat_like, unravel = ravel_pytree(jax.tree.map(jnp.zeros_like, like))
         n, dtype = flat_like.shape[0], _float_dtype(flat_like)
         if s > n:
             raise ValueError(
-                f"`num_matvecs`={m} gives a Hutch++ sketch of {s} columns, more than the "
+                f"`num_probes`={m} gives a Hutch++ sketch of {s} columns, more than the "
                 f"dimension {n}; use at most {3 * n} matvecs or method 'exact'."
             )
 

@@ -65,14 +65,28 @@ def run_sweep(
     create_model: Callable | None = None,
     progress: Callable[[Iterable, int, str], Iterable] | None = None,
     max_compile_threads: int = 8,
-    **ensemble_kw,
+    train: bool = False,
+    init_chunk: int | None = None,
+    mesh: Any = "auto",
+    compiler_options: dict | None | str = "auto",
+    num_probes: int = 32,
+    method: str = "hutchinson",
+    dist: str = "rademacher",
+    probe_chunk: int | None = None,
+    block_chunk: int | None = None,
+    end_to_end: bool = True,
 ) -> list[SweepPoint]:
     """Ensemble block moments of every variant of ``base_config`` over ``axes``.
 
     Every variant uses the same ``key`` (same init and probe keys), so differences
     between variants are not sampling noise of different seeds. ``progress(iterable,
-    total, desc)`` may wrap the compile and measure loops (e.g. with tqdm).
+    total, desc)`` may wrap the compile and measure loops (e.g. with tqdm). The other
+    options are those of ``ensemble_block_moments``.
     """
+    ensemble_kw = dict(train=train, init_chunk=init_chunk, mesh=mesh,
+                       compiler_options=compiler_options, num_probes=num_probes, method=method,
+                       dist=dist, probe_chunk=probe_chunk, block_chunk=block_chunk,
+                       end_to_end=end_to_end)
     if create_model is None:
         from gne_jax.models import create_model
     variants = sweep_variants(axes)

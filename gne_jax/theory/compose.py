@@ -23,7 +23,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
+from gne_jax._tree import is_concrete
+from gne_jax.probes import compiled
 from gne_jax.theory.components import Component, Moments, Signal, as_signal, identity, scale
 
 Array = jax.Array
@@ -83,19 +86,22 @@ class Concat(NamedTuple):
     name: str = "concat"
 
 
-class Prediction(NamedTuple):
-    """Predicted moments of one node of a network description.
+@struct.dataclass
+class Prediction:
+    """Predicted moments of one node of a network description (a pytree).
 
     ``blocks`` holds the children's predictions (for `Serial`: one per part; for
     `Repeat`: one `Prediction` whose fields are arrays over the repetitions).
+    ``name`` and ``size_ratio`` (m_out/m_in) are static metadata, not pytree leaves, so
+    a `Prediction` passes through ``jax.jit``/``jax.vmap``/``jax.tree.map`` unchanged.
     """
 
-    name: str
-    phi: Array
-    varphi: Array
-    q_in: Array
-    q_out: Array
-    size_ratio: float
+    name: str = struct.field(pytree_node=False)
+    phi: Array = None
+    varphi: Array = None
+    q_in: Array = None
+    q_out: Array = None
+    size_ratio: float = struct.field(pytree_node=False, default=1.0)
     blocks: tuple = ()
     signal_out: Signal | None = None
 
@@ -109,7 +115,13 @@ class Prediction(NamedTuple):
 
     @property
     def normalized_variance(self) -> Array:
+        """ϕ/φ², the scale-free spread (as ``JacobianMoments.spread``)."""
         return self.varphi / self.phi**2
+
+    @property
+    def spread(self) -> Array:
+        """ϕ/φ², the scale-free spread (alias of ``normalized_variance``)."""
+        return self.normalized_variance
 
 
 # ---------------------------------------------------------------------------
@@ -244,7 +256,21 @@ def predict(network, q_in=1.0) -> Prediction:
     activations see the right input variance and normalization layers the right
     statistics.
     """
-    return _eval(network, as_signal(q_in))
+    _check_node(network)
+    signal = as_signal(q_in)
+    if not is_concrete(signal):
+        return _eval(network, signal)
+    # Eagerly: traced once per call (Python only), run as one program compiled once per
+    # structure of the network (a lax.scan of a Repeat would otherwise compile anew).
+    try:
+        return compiled.call(_predict_program, {},
+                             [(lambda s: _eval(network, s), (signal,), None)], (signal,))
+    except jax.errors.ConcretizationTypeError:  # a component that needs concrete values
+        return _eval(network, signal)
+
+
+def _predict_program(evaluate, signal):
+    return evaluate(signal)
 
 
 def per_block(prediction: Prediction) -> list[tuple[str, float, float]]:

@@ -1,0 +1,243 @@
+"""Weights as data: every entry point compiles once per structure, eagerly as under jit.
+
+Compilations are counted with JAX's monitoring events (one backend compilation per
+program); a new closure over new arrays of the same architecture must compile nothing.
+"""
+
+import contextlib
+import functools
+import gc
+import resource
+import weakref
+
+import jax
+import jax.monitoring
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gne_jax import (
+    block_moments,
+    eigh_extreme,
+    ensemble_block_moments,
+    group_traces,
+    groups_moments,
+    hessian_density,
+    hessian_eigenpairs,
+    hessian_group_traces,
+    hessian_trace,
+    jacobian_moments,
+    jacobian_spectral_density,
+    lanczos_tridiag,
+    spectral_density,
+)
+from gne_jax.probes import compiled
+from gne_jax.probes.blocks import single_block
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Yields a list that collects one entry per backend compilation inside the block."""
+    events = []
+
+    def listener(name, duration, **kwargs):
+        if name == COMPILE_EVENT:
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def mlp_apply(params, x):
+    h = x
+    for w in params:
+        h = jnp.tanh(h @ w)
+    return h
+
+
+def random_params(seed, widths):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal((a, b)) / np.sqrt(a), jnp.float32)
+            for a, b in zip(widths[:-1], widths[1:], strict=True)]
+
+
+def test_new_closures_at_new_weights_compile_once_and_match_a_jitted_reference():
+    compiled.clear_programs()
+    widths = (12, 20, 20, 7)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 12)), jnp.float32)
+    key = jax.random.key(1)
+    states = [random_params(s, widths) for s in range(6)]
+    results = []
+    with count_compilations() as events:
+        for i, p in enumerate(states):
+            if i % 3 == 0:
+                fn = lambda z, p=p: mlp_apply(p, z)  # noqa: E731
+                results.append(jacobian_moments(fn, x, key=key, num_probes=8))
+            elif i % 3 == 1:
+                results.append(jacobian_moments(functools.partial(mlp_apply, p), x, key=key,
+                                                num_probes=8))
+            else:
+                results.append(jacobian_moments(mlp_apply, x, params=p, key=key, num_probes=8))
+    assert len(events) == 1, f"{len(events)} compilations for 6 weight states"
+    reference = jax.jit(lambda p, z, k: jacobian_moments(lambda h: mlp_apply(p, h), z, key=k,
+                                                         num_probes=8))
+    for p, r in zip(states, results, strict=True):
+        ref = reference(p, x, key)
+        for field in ("phi", "phi2", "varphi", "phi_sem", "varphi_sem"):
+            np.testing.assert_allclose(getattr(r, field), getattr(ref, field), rtol=2e-6,
+                                       err_msg=field)
+        assert (r.size, r.out_size, r.in_size, r.num_matvecs) == (21, 21, 36, 8)
+    # different weights, different answers (the weights are not baked in)
+    assert len({float(r.phi) for r in results}) == len(results)
+
+
+def _probe_and_forget():
+    """Probes through closures and returns only weak references to them and their arrays."""
+    p = random_params(3, (12, 9))
+    fn = lambda z: mlp_apply(p, z)  # noqa: E731
+    jacobian_moments(fn, jnp.ones((2, 12)), key=jax.random.key(0), num_probes=4)
+    a = jnp.asarray(np.diag(np.arange(1.0, 9.0)), jnp.float32)
+    mv = lambda v: a @ v  # noqa: E731
+    spectral_density(mv, jnp.zeros(8), key=jax.random.key(0), num_steps=4, num_probes=2)
+    return [weakref.ref(fn), weakref.ref(p[0]), weakref.ref(mv), weakref.ref(a)]
+
+
+def test_the_cache_keeps_no_closure_or_weight_alive():
+    refs = _probe_and_forget()
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _memory_growth_mb(n: int, calls: int) -> float:
+    """RSS growth over ``calls`` probes, each at a new n×n float32 weight (closure)."""
+    w0 = jax.random.normal(jax.random.key(0), (n, n)) / n
+    x = jnp.ones((n,))
+    key = jax.random.key(1)
+
+    def probe(i):
+        w = w0 * (1.0 + 1e-3 * i)  # a new 64 MiB array each time
+        return jacobian_moments(lambda z: z @ w, x, key=key, num_probes=2).phi
+
+    for i in range(3):
+        probe(i).block_until_ready()
+    gc.collect()
+    before = _rss_mb()
+    with count_compilations() as events:
+        for i in range(3, 3 + calls):
+            probe(i).block_until_ready()
+    gc.collect()
+    assert not events
+    return _rss_mb() - before
+
+
+def test_resident_memory_is_flat_over_new_weight_states():
+    grown = _memory_growth_mb(2048, 20)  # 16 MiB per weight: 320 MiB if they were kept
+    assert grown < 100, f"resident memory grew by {grown:.0f} MiB over 20 calls"
+
+
+@pytest.mark.slow
+def test_resident_memory_is_flat_over_100_weight_states_of_64_mb():
+    grown = _memory_growth_mb(4096, 100)  # 64 MiB per weight: 6.4 GiB if they were kept
+    assert grown < 200, f"resident memory grew by {grown:.0f} MiB over 100 calls"
+
+
+def _quadratic_loss(params, x, y):
+    h = jnp.tanh(x @ params["w1"]) @ params["w2"]
+    return 0.5 * jnp.mean((h - y) ** 2)
+
+
+def _loss_setup(seed):
+    rng = np.random.default_rng(seed)
+    params = {"w1": jnp.asarray(rng.standard_normal((5, 6)) / 2, jnp.float32),
+              "w2": jnp.asarray(rng.standard_normal((6, 2)) / 2, jnp.float32)}
+    x = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((8, 2)), jnp.float32)
+    return params, (lambda p: _quadratic_loss(p, x, y))
+
+
+def _sym(seed, n=12):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, n))
+    return jnp.asarray(a + a.T, jnp.float32)
+
+
+def _sym_matvec(seed):
+    a = _sym(seed)
+    return lambda v: a @ v
+
+
+def _dict_matvec(seed):
+    a = _sym(seed)[:6, :6]
+    return lambda v: {"u": a @ v["u"], "w": v["w"]}
+
+
+def _block_group(seed):
+    w = random_params(seed, (6, 6))[0]
+    return single_block("a", lambda p, z: jnp.tanh(z @ w), {}, jnp.ones((2, 6)))
+
+
+def _tiny_model():
+    from gne_jax.models import create_model
+
+    return create_model({"name": "mlp", "width": 8, "depth": 3, "num_classes": 4})
+
+
+@functools.cache
+def _tiny_init_fn():
+    return jax.jit(lambda k: _tiny_model().init(k, jnp.ones((4, 6))))
+
+
+def _tiny_init(key):
+    return _tiny_init_fn()(key)
+
+
+ENTRY_POINTS = {
+    "spectral_density": lambda s: spectral_density(
+        _sym_matvec(s), jnp.zeros(12), key=jax.random.key(s), num_steps=5,
+        num_probes=2),
+    "jacobian_spectral_density": lambda s: jacobian_spectral_density(
+        functools.partial(mlp_apply, random_params(s, (6, 5))), jnp.ones((2, 6)),
+        key=jax.random.key(s), num_steps=4, num_probes=2),
+    "lanczos_tridiag": lambda s: lanczos_tridiag(5)(_sym_matvec(s), jnp.ones(12)),
+    "eigh_extreme": lambda s: eigh_extreme(6, 2)(_sym_matvec(s), jnp.zeros(12),
+                                                 key=jax.random.key(s)),
+    "group_traces": lambda s: group_traces(
+        _dict_matvec(s),
+        {"u": jnp.zeros(6), "w": jnp.zeros(3)}, key=jax.random.key(s), num_probes=4),
+    "hessian_trace": lambda s: hessian_trace(_loss_setup(s)[1], _loss_setup(s)[0],
+                                             key=jax.random.key(s), num_probes=4),
+    "hessian_group_traces": lambda s: hessian_group_traces(
+        _loss_setup(s)[1], _loss_setup(s)[0], key=jax.random.key(s), num_probes=4),
+    "hessian_eigenpairs": lambda s: hessian_eigenpairs(
+        _loss_setup(s)[1], _loss_setup(s)[0], key=jax.random.key(s), num_eigs=1, num_steps=6),
+    "hessian_density": lambda s: hessian_density(
+        _loss_setup(s)[1], _loss_setup(s)[0], key=jax.random.key(s), num_steps=5, num_probes=2),
+    "groups_moments": lambda s: groups_moments(
+        [_block_group(s)],
+        jnp.ones((2, 6)), key=jax.random.key(s), num_probes=4),
+    "block_moments": lambda s: block_moments(
+        _tiny_model(), _tiny_init(jax.random.key(s)), jnp.ones((4, 6)),
+        key=jax.random.key(s), num_probes=4),
+    "ensemble_block_moments": lambda s: ensemble_block_moments(
+        _tiny_model(), jnp.ones((4, 6)), key=jax.random.key(s), num_inits=2, num_probes=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_eager_second_call_with_new_arrays_compiles_nothing(name):
+    call = ENTRY_POINTS[name]
+    jax.block_until_ready(call(0))
+    jax.block_until_ready(call(1))  # eager helpers (key splits...) warmed at this seed too
+    with count_compilations() as events:
+        jax.block_until_ready(call(2))
+    assert not events, f"{name}: {len(events)} compilations on a call with new arrays"
