@@ -199,7 +199,8 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="scalar"):
         hessian_trace(lambda p: mlp(p, x), params, key=jax.random.key(0))
     with pytest.raises(ValueError, match="method"):
-        hessian_trace(lambda p: squared_loss(p, x, y), params, key=jax.random.key(0), method="xtrace")
+        hessian_trace(lambda p: squared_loss(p, x, y), params, key=jax.random.key(0),
+                      method="xtrace")
     with pytest.raises(ValueError, match="groups"):
         parameter_groups(params, "module")
     with pytest.raises(ValueError, match="num_probes"):

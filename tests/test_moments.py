@@ -295,3 +295,79 @@ def test_raw_uint32_key_accepted_and_float64_respected():
     with jax.enable_x64(True):
         r64 = jacobian_moments(jnp.tanh, jnp.ones(16, jnp.float64), key=KEY, num_probes=4)
         assert r64.phi.dtype == jnp.float64
+
+
+def test_float16_input_above_65504_elements_gives_the_right_number():
+    # 70,000 float16 entries: the size and the squared norms must not overflow float16
+    m = jacobian_moments(lambda z: 0.5 * z, jnp.ones(70000, jnp.float16), key=jax.random.key(0),
+                         num_probes=4)
+    assert m.phi.dtype == jnp.float32
+    np.testing.assert_allclose(float(m.phi), 0.25, rtol=1e-3)
+    np.testing.assert_allclose(float(m.varphi), 0.0, atol=1e-3)
+
+
+def test_varphi_cancellation_is_covered_by_its_standard_error_and_spread_is_scale_free():
+    # φ = 1e6, ϕ = 0 exactly: φ₂ − φ² cancels in float32; the SE carries the rounding floor
+    m = jacobian_moments(lambda x: 1000 * x, jnp.ones(4096), key=jax.random.key(0))
+    assert abs(float(m.varphi)) <= 2 * float(m.varphi_sem)
+    assert float(m.varphi_sem) < 1e-4 * float(m.phi) ** 2  # still a tight statement
+    small = jacobian_moments(lambda x: x, jnp.ones(4096), key=jax.random.key(0))
+    assert abs(float(m.spread)) < 1e-5 and abs(float(small.spread)) < 1e-6
+    # spread = ϕ/φ² does not depend on the scale of the map
+    A = np.random.default_rng(0).standard_normal((30, 20)) / np.sqrt(20)
+    a = jacobian_moments(linear(A), jnp.ones(20), method="exact")
+    b = jacobian_moments(linear(50 * A), jnp.ones(20), method="exact")
+    np.testing.assert_allclose(float(a.spread), float(b.spread), rtol=1e-4)
+
+
+def test_zero_size_and_complex_inputs_are_refused_before_any_work():
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="`x` is empty"):
+        jacobian_moments(lambda z: z, jnp.ones((0, 3)), key=key)
+    with pytest.raises(TypeError, match="`x` has a complex leaf"):
+        jacobian_moments(lambda z: z, jnp.ones(3, jnp.complex64), key=key)
+    with pytest.raises(TypeError, match="num_probes"):
+        jacobian_moments(lambda z: z, jnp.ones(3), key=key, num_probes=2.5)
+    with pytest.raises(TypeError, match="positional"):
+        jacobian_moments(lambda z: z, jnp.ones(3), jax.random.key(0))  # key is keyword-only
+
+
+def test_non_finite_errors_name_the_true_cause():
+    key = jax.random.key(0)
+    with pytest.raises(FloatingPointError, match="`x` contains non-finite"):
+        jacobian_moments(lambda z: 2 * z, jnp.array([1.0, jnp.nan]), key=key)
+    w = jnp.array([[1.0, jnp.nan], [0.0, 1.0]])
+    with pytest.raises(FloatingPointError, match="NaN weight"):
+        jacobian_moments(lambda z: w @ z, jnp.ones(2), key=key)
+    with pytest.raises(FloatingPointError, match="float16"):  # overflow of the dtype
+        jacobian_moments(lambda z: 300.0 * z, jnp.full(4, 300.0, jnp.float16), key=key)
+
+
+def test_results_are_pytrees_with_static_sizes_through_jit_vmap_and_tree_map():
+    A = jnp.asarray(np.random.default_rng(1).standard_normal((6, 4)), jnp.float32)
+    fn = lambda x: A @ x  # noqa: E731
+    x, key = jnp.ones(4), jax.random.key(0)
+    eager = jacobian_moments(fn, x, key=key, num_probes=8)
+    jitted = jax.jit(lambda z, k: jacobian_moments(fn, z, key=k, num_probes=8))(x, key)
+    batched = jax.vmap(lambda k: jacobian_moments(fn, x, key=k, num_probes=8))(
+        jax.random.split(key, 3))
+    mapped = jax.tree.map(lambda a: a, eager)
+    for r in (eager, jitted, batched, mapped):
+        assert (r.size, r.out_size, r.in_size, r.num_matvecs) == (6, 6, 4, 8)
+        assert all(type(v) is int for v in (r.size, r.out_size, r.in_size, r.num_matvecs))
+    assert batched.phi.shape == (3,)
+    np.testing.assert_allclose(jitted.phi, eager.phi, rtol=1e-6)
+    est = jax.jit(lambda k: gne_jax.hutchinson(8)(lambda v: v, jnp.ones(5), key=k))(key)
+    assert est.num_matvecs == 8 and type(est.num_matvecs) is int
+
+
+def test_old_names_work_with_a_deprecation_warning():
+    mv, like, key = (lambda v: 2.0 * v), jnp.ones(6), jax.random.key(0)
+    with pytest.warns(DeprecationWarning, match="probe_chunk"):
+        a = gne_jax.hutchinson(6, chunk_size=2)(mv, like, key=key)
+    with pytest.warns(DeprecationWarning, match="key"):
+        b = gne_jax.hutchinson(6)(mv, key, like)
+    np.testing.assert_allclose(a.value, b.value)
+    with pytest.warns(DeprecationWarning, match="num_probes"):
+        t = gne_jax.hessian_trace(lambda p: jnp.sum(p**2), like, key=key, num_matvecs=4)
+    assert t.num_matvecs == 4

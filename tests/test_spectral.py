@@ -123,7 +123,8 @@ def test_jacobian_log_density_and_logdet_of_jjt():
         # k = m: the Krylov space is the whole space and each probe's quadrature is
         # exact for any f; only probe noise remains.
         d = jax.jit(lambda key: jacobian_spectral_density(
-            fn, x, key=key, num_steps=m, num_probes=nv, sigma=0.25, dist="normal"))(jax.random.key(3))
+            fn, x, key=key, num_steps=m, num_probes=nv, sigma=0.25, dist="normal"))(
+                jax.random.key(3))
         assert float(d.clipped_mass) == 0.0 and int(d.dim) == m
         logdet = trace_function(d.nodes, d.weights, jnp.log, m)
         assert abs(float(logdet.value) - np.sum(np.log(lam))) < 4 * float(logdet.sem)

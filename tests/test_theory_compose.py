@@ -16,7 +16,7 @@ from gne_jax.nn.initializers import kaiming_normal, orthogonal
 from gne_jax.probes.moments import jacobian_moments
 from gne_jax.theory import compare, per_block, pool_inits, predict
 from gne_jax.theory import components as C
-from gne_jax.theory.compose import Parallel, Residual, Serial
+from gne_jax.theory.compose import Parallel, Repeat, Residual, Serial
 
 
 def _measure(build, n_in, *, seeds=16, probes=32, method="hutchinson", seed=0):
@@ -211,3 +211,18 @@ def test_compare_table_and_plot():
     assert len(table2.rows) == 2 and fig is not None
     with pytest.raises(ValueError, match="rows"):
         compare(rows, [meas])
+
+
+def test_prediction_is_a_pytree_usable_under_jit_and_vmap():
+    net = Serial((C.dense_gaussian(16, 16, sigma2=2 / 16), C.relu(),
+                  Repeat(Serial((C.dense_gaussian(16, 16, sigma2=2 / 16), C.tanh())), 4)))
+    eager = predict(net, 1.0)
+    jitted = jax.jit(lambda q: predict(net, q))(1.0)
+    assert jitted.name == eager.name == "serial" and jitted.blocks[2].name == "repeat"
+    np.testing.assert_allclose(jitted.phi, eager.phi, rtol=1e-6)
+    np.testing.assert_allclose(jitted.varphi, eager.varphi, rtol=1e-6)
+    batched = jax.vmap(lambda q: predict(net, q))(jnp.array([0.5, 1.0, 2.0]))
+    assert batched.phi.shape == (3,) and batched.size_ratio == 1.0
+    np.testing.assert_allclose(batched.phi[1], eager.phi, rtol=1e-6)
+    mapped = jax.tree.map(lambda a: a, eager)
+    assert mapped.name == "serial" and float(mapped.spread) == float(eager.spread)

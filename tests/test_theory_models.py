@@ -143,3 +143,9 @@ def test_conv_net_predictions_against_ensemble(which):
     pred = predict_model(cfg, shape)
     # the head sees the ReLU of the residual stream (p ≠ ½ from its mean): skip it here
     _check(pred, names, meas, 0.15, skip=("head",))
+
+
+def test_meterez_normalization_is_refused_rather_than_mispredicted():
+    with pytest.raises(ValueError, match="meterez"):
+        predict_model({"name": "mlp", "width": 16, "depth": 3, "normalization": "meterez"},
+                      (8, 16))
