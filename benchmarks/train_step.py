@@ -10,11 +10,11 @@ the table gives the median step time, images/s and the compile time (first call)
   python benchmarks/train_step.py finite_check  # cost of the per-step state check
   python benchmarks/train_step.py norms         # ResNet-56 SMN vs BN vs none
 
-``unroll`` compares three ways of running the models' scanned stages (``nn.scan``):
+``unroll`` compares four ways of running the models' scanned stages (``nn.scan``):
 ``scanned`` (the loop, XLA:CPU's slow path for weight-gradient convolutions inside loops),
 ``unroll_scans`` (the train loop's default on CPU: ``gne_jax.training.unroll``, the traced
-program re-evaluated with every scan unrolled) and ``hand-unrolled`` (the model built
-with ``nn.scan(..., unroll=length)``: what an unrolled model itself would give).
+program re-evaluated with every scan unrolled), ``hand-unrolled`` (the model built with a
+Python loop of separate block modules) and ``nn.scan(unroll=n)`` (JAX's own unrolling).
 """
 
 from __future__ import annotations
@@ -56,16 +56,26 @@ def cpu_name() -> str:
 
 
 @contextlib.contextmanager
-def hand_unrolled_models():
-    """Builds the models' scanned stages with ``nn.scan(..., unroll=length)`` meanwhile."""
+def patched_scan(kind: str):
+    """Builds the models' scanned stages another way meanwhile.
+
+    ``hand``: a Python loop of separate block modules (``<stage>_b<i>``), the model an
+    unrolled implementation would be; ``scan_unroll``: ``nn.scan(..., unroll=length)``.
+    """
     original = common._scan
 
-    def _scan(module, h, length, xs):
+    def hand(module, h, length, xs):
+        for i in range(length):
+            block = module.clone(parent=module.parent, name=f"{module.name}_b{i}")
+            h = block(h) if xs is None else block(h, jax.tree.map(lambda a, i=i: a[i], xs))
+        return h
+
+    def scan_unroll(module, h, length, xs):
         scan = nn.scan(common._scan_body, variable_axes={"params": 0, "batch_stats": 0},
                        split_rngs={"params": True}, length=length, unroll=length)
         return scan(module, h, xs)[0]
 
-    common._scan = _scan
+    common._scan = {"hand": hand, "scan_unroll": scan_unroll}[kind]
     try:
         yield
     finally:
@@ -167,9 +177,12 @@ def main():
                 f"{key} unroll_scans": make_step(name, kw, args.batch, args.image_size,
                                                  unroll=True)}
         if not args.no_hand:
-            with hand_unrolled_models():
+            with patched_scan("hand"):
                 runs[f"{key} hand-unrolled"] = make_step(name, kw, args.batch,
                                                          args.image_size)
+            with patched_scan("scan_unroll"):
+                runs[f"{key} nn.scan(unroll=n)"] = make_step(name, kw, args.batch,
+                                                             args.image_size)
         med = print_table(runs, time_interleaved(runs, args.steps, args.repeats), args.batch)
         names = list(runs)
         print(f"scanned / unroll_scans: {med[names[0]] / med[names[1]]:.1f}x")
