@@ -39,7 +39,10 @@ Array = jax.Array
 NORM_MOMENTUM = 0.9
 NORM_EPSILON = 1e-5
 
-NORMALIZATIONS = ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly", "meterez")
+# The `normalization` options: the convolutional families take CONV_NORMALIZATIONS,
+# the MLP all of NORMALIZATIONS (Meterez et al.'s batch norm is an MLP construction).
+CONV_NORMALIZATIONS = ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly")
+NORMALIZATIONS = (*CONV_NORMALIZATIONS, "meterez")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -127,6 +130,17 @@ def to_config_dict(name: str, defaults: Mapping[str, Any]) -> ml_collections.Con
     return ml_collections.ConfigDict({"name": name, **defaults})
 
 
+def check_depth(depth, key: str = "depth", minimum: int = 8) -> int:
+    """A depth of the form 6n + 2 (the serial CNN and the CIFAR ResNets)."""
+    depth = check_positive_int(depth, key)
+    if depth < minimum or (depth - 2) % 6:
+        raise ValueError(
+            f"Config `{key}` must be 6n + 2 with n >= {(minimum - 2) // 6} "
+            f"(e.g. 8, 14, 20, 32, 44, 56, 110); got {depth}."
+        )
+    return depth
+
+
 # ----------------------------------------------------------------------------
 # Activations
 # ----------------------------------------------------------------------------
@@ -138,6 +152,23 @@ ACTIVATION_DEFAULTS = {
     "selu_gamma0": 1.0,  # depth-aware SELU: γ₀ = gain² of the weights
 }
 SHAPED = ("shaped_tanh", "shaped_sin")
+
+
+def family_defaults(*, num_classes: int, normalization: str, **own) -> dict:
+    """The ``DEFAULTS`` of a family: its ``own`` keys, then the keys every family has
+    (``num_classes``, the activation keys, ``init``, ``gain``, ``normalization``,
+    ``head_init``, ``head_gain``, ``dtype``)."""
+    return {
+        **own,
+        "num_classes": num_classes,
+        **ACTIVATION_DEFAULTS,
+        "init": "kaiming_normal",
+        "gain": None,
+        "normalization": normalization,
+        "head_init": "kaiming_normal",
+        "head_gain": 1.0,
+        "dtype": None,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +266,18 @@ def torch_padding(kernel_size: int, padding: int | None = None):
     return ((p, p), (p, p))
 
 
+# The conv and dense layers of each normalization option (plain for the others);
+# those of sWS and weight norm take the layer's gain.
+_WEIGHT_LAYERS = {
+    "smn": {"conv": _norm.CenteredConv, "dense": _norm.CenteredDense},
+    "smn_l1": {"conv": _norm.CenteredConv, "dense": _norm.CenteredDense},
+    "sws": {"conv": _norm.ScaledWSConv, "dense": _norm.ScaledWSDense},
+    "weightnorm": {"conv": _norm.WeightNormConv, "dense": _norm.WeightNormDense},
+}
+_PLAIN_LAYERS = {"conv": nn.Conv, "dense": nn.Dense}
+_GAIN_LAYERS = ("sws", "weightnorm")
+
+
 @dataclasses.dataclass(frozen=True)
 class NormSpec:
     """Which convolution/dense kind and normalization layer a model uses."""
@@ -252,42 +295,29 @@ class NormSpec:
         ``gain`` is the layer's intended gain: sWS rows get squared norm gain², the
         weight-norm scale starts at gain (derivations §10).
         """
-        k = (kernel_size, kernel_size)
-        s = (strides, strides)
-        kw = dict(
+        return self._weight_layer(
+            "conv",
+            gain,
             features=features,
-            kernel_size=k,
-            strides=s,
+            kernel_size=(kernel_size, kernel_size),
+            strides=(strides, strides),
             padding=torch_padding(kernel_size, padding),
             use_bias=use_bias,
             kernel_init=kernel_init,
-            dtype=self.dtype,
-            param_dtype=param_dtype(),
         )
-        if self.name in ("smn", "smn_l1"):
-            return _norm.CenteredConv(**kw)
-        if self.name == "sws":
-            return _norm.ScaledWSConv(gain=gain, **kw)
-        if self.name == "weightnorm":
-            return _norm.WeightNormConv(gain=gain, **kw)
-        return nn.Conv(**kw)
 
     def dense(self, features, *, kernel_init, use_bias, gain):
         """The dense layer of this scheme (see :meth:`conv`)."""
-        kw = dict(
-            features=features,
-            use_bias=use_bias,
-            kernel_init=kernel_init,
-            dtype=self.dtype,
-            param_dtype=param_dtype(),
+        return self._weight_layer(
+            "dense", gain, features=features, use_bias=use_bias, kernel_init=kernel_init
         )
-        if self.name in ("smn", "smn_l1"):
-            return CenteredDense(**kw)
-        if self.name == "sws":
-            return _norm.ScaledWSDense(gain=gain, **kw)
-        if self.name == "weightnorm":
-            return _norm.WeightNormDense(gain=gain, **kw)
-        return nn.Dense(**kw)
+
+    def _weight_layer(self, kind: str, gain: float, **kw):
+        """The ``kind`` ("conv" or "dense") layer of this scheme, in its dtype."""
+        if self.name in _GAIN_LAYERS:
+            kw["gain"] = gain
+        cls = _WEIGHT_LAYERS.get(self.name, _PLAIN_LAYERS)[kind]
+        return cls(dtype=self.dtype, param_dtype=param_dtype(), **kw)
 
     def norm(self, train: bool):
         """The activation-normalization layer, or None (momentum 0.9 = PyTorch's 0.1)."""
@@ -307,13 +337,6 @@ class NormSpec:
         return None
 
 
-class CenteredDense(_norm._KernelTransform, nn.Dense):
-    """``nn.Dense`` with zero-mean rows in the forward pass (Dense twin of CenteredConv)."""
-
-    def transform_kernel(self, kernel):
-        return _norm.center_kernel(kernel)
-
-
 def norm_spec(cfg: Mapping[str, Any], valid=NORMALIZATIONS) -> NormSpec:
     name = check_choice(cfg["normalization"], "normalization", valid)
     return NormSpec(name=name, dtype=resolve_dtype(cfg["dtype"]))
@@ -321,6 +344,25 @@ def norm_spec(cfg: Mapping[str, Any], valid=NORMALIZATIONS) -> NormSpec:
 
 def maybe(layer, h):
     return h if layer is None else layer(h)
+
+
+# ----------------------------------------------------------------------------
+# Fixup (derivations §13)
+# ----------------------------------------------------------------------------
+
+
+def fixup_scale(num_blocks: int, p: float | None, m: int) -> float:
+    """L^(−p/(2m)): the std factor of the branch convs in the paper's Fixup (derivations §13)."""
+    return 1.0 if p is None else float(num_blocks) ** (-p / (2.0 * m))
+
+
+def check_fixup_normalization(keys: str, normalization: str) -> None:
+    """Fixup replaces normalization: it needs ``normalization="none"``."""
+    if normalization != "none":
+        raise ValueError(
+            f"Fixup ({keys}) replaces normalization: it needs normalization='none'; "
+            f"got normalization={normalization!r}."
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -341,6 +383,16 @@ def check_input(x, ndim: int, what: str, channels: int | None = None):
 # ----------------------------------------------------------------------------
 # Block layout and the BlockModel base
 # ----------------------------------------------------------------------------
+
+
+def module_factory(cls, *args, **fields) -> Callable[..., nn.Module]:
+    """The ``make`` of a :class:`Stage`: ``make(train, **kw) = cls(*args, train=train,
+    **fields, **kw)`` (``kw``: Flax's ``name``/``parent``)."""
+
+    def make(train, **kw):
+        return cls(*args, train=train, **fields, **kw)
+
+    return make
 
 
 class Stage(NamedTuple):
@@ -460,3 +512,38 @@ class BlockModel(nn.Module):
                 )
             h = out
         return groups
+
+
+class Classifier(BlockModel):
+    """A :class:`BlockModel` with the fields every family has (:func:`classifier_kwargs`)."""
+
+    num_classes: int | None = 10
+    act_spec: ActivationSpec = ActivationSpec()
+    init_name: str = "kaiming_normal"
+    gain: float = 2.0**0.5
+    norm_spec: NormSpec = NormSpec()
+    head_init: str = "kaiming_normal"
+    head_gain: float = 1.0
+
+
+def classifier_kwargs(
+    cfg: Mapping[str, Any], normalizations=CONV_NORMALIZATIONS, *, conv: bool = True
+) -> dict:
+    """The :class:`Classifier` fields, validated, from a merged config.
+
+    ``conv=False`` (the MLP) allows shaped activations and ``num_classes=None``
+    (no head) and refuses the ``delta_orthogonal`` init.
+    """
+    act = activation_spec(cfg, allow_shaped=not conv)
+    num_classes = cfg["num_classes"]
+    if conv or num_classes is not None:
+        num_classes = check_positive_int(num_classes, "num_classes")
+    return dict(
+        num_classes=num_classes,
+        act_spec=act,
+        init_name=check_init(cfg["init"], conv=conv),
+        gain=resolve_gain(cfg, act),
+        norm_spec=norm_spec(cfg, normalizations),
+        head_init=check_init(cfg["head_init"], "head_init", conv=False),
+        head_gain=check_float(cfg["head_gain"], "head_gain", positive=True),
+    )

@@ -17,63 +17,72 @@ written as a sum of zero-padded parts, whose Jacobian blocks are orthogonal
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from gne_jax.models import common as C
-from gne_jax.models.layers import ConvNormAct, Head
+from gne_jax.models.layers import ConvNet, ConvNormAct
 
-DEFAULTS = {
-    "growth_rate": 12,
-    "block_sizes": (8, 8, 8),
-    "bottleneck_width": 4,
-    "reduction": 0.5,
-    "transition_padding": 1,
-    "num_classes": 10,
-    **C.ACTIVATION_DEFAULTS,
-    "init": "kaiming_normal",
-    "gain": None,
-    "normalization": "batchnorm",
-    "head_init": "kaiming_normal",
-    "head_gain": 1.0,
-    "dtype": None,
-}
-NORMALIZATIONS = ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly")
+DEFAULTS = C.family_defaults(
+    growth_rate=12,
+    block_sizes=(8, 8, 8),
+    bottleneck_width=4,
+    reduction=0.5,
+    transition_padding=1,
+    num_classes=10,
+    normalization="batchnorm",
+)
 
 
-class DenseBottleneck(nn.Module):
-    """``h ↦ concat([f(h), h])`` on the channel axis (new channels first, as in the code)."""
+class PreActivationUnit(nn.Module):
+    """Base of the DenseNet modules: layers norm → act → conv with the model's specs.
 
-    growth: int
-    bottleneck: int
+    The spec fields are keyword-only, so subclasses put their own fields first.
+    """
+
+    _: dataclasses.KW_ONLY
     act_spec: C.ActivationSpec
     norm_spec: C.NormSpec
     init_name: str
     gain: float
     train: bool = False
 
-    def setup(self):
-        def layer(features, k):
-            return ConvNormAct(
-                features,
-                k,
-                None,
-                self.norm_spec,
-                self.init_name,
-                self.gain,
-                use_norm=False,
-            )
 
-        self.norm1 = self.norm_spec.norm(self.train)
-        self.act1 = self.act_spec.make()
-        self.conv1 = layer(self.bottleneck, 1)
-        self.norm2 = self.norm_spec.norm(self.train)
-        self.act2 = self.act_spec.make()
-        self.conv2 = layer(self.growth, 3)
+def pre_activation_layer(unit: PreActivationUnit, features: int, kernel_size: int, **fields):
+    """(norm, act, conv) of one norm → act → conv layer of ``unit`` (assign them in setup);
+    the conv has a bias only without a normalization layer."""
+    conv = ConvNormAct(
+        features,
+        kernel_size,
+        None,
+        unit.norm_spec,
+        unit.init_name,
+        unit.gain,
+        use_norm=False,
+        **fields,
+    )
+    return unit.norm_spec.norm(unit.train), unit.act_spec.make(), conv
+
+
+def apply_pre_activation(h, norm, act, conv):
+    return conv(act(C.maybe(norm, h)))
+
+
+class DenseBottleneck(PreActivationUnit):
+    """``h ↦ concat([f(h), h])`` on the channel axis (new channels first, as in the code)."""
+
+    growth: int
+    bottleneck: int
+
+    def setup(self):
+        self.norm1, self.act1, self.conv1 = pre_activation_layer(self, self.bottleneck, 1)
+        self.norm2, self.act2, self.conv2 = pre_activation_layer(self, self.growth, 3)
 
     def new_features(self, h):
-        h = self.conv1(self.act1(C.maybe(self.norm1, h)))
-        return self.conv2(self.act2(C.maybe(self.norm2, h)))
+        h = apply_pre_activation(h, self.norm1, self.act1, self.conv1)
+        return apply_pre_activation(h, self.norm2, self.act2, self.conv2)
 
     def branch(self, h):
         return jnp.pad(self.new_features(h), ((0, 0), (0, 0), (0, 0), (0, h.shape[-1])))
@@ -85,37 +94,21 @@ class DenseBottleneck(nn.Module):
         return jnp.concatenate([self.new_features(h), h], axis=-1)
 
 
-class Transition(nn.Module):
+class Transition(PreActivationUnit):
     """norm → act → conv1×1 with stride 2 (and the reference's padding)."""
 
     features: int
     padding: int
-    act_spec: C.ActivationSpec
-    norm_spec: C.NormSpec
-    init_name: str
-    gain: float
-    train: bool = False
 
     def setup(self):
-        self.norm = self.norm_spec.norm(self.train)
-        self.act = self.act_spec.make()
-        self.conv = ConvNormAct(
-            self.features,
-            1,
-            None,
-            self.norm_spec,
-            self.init_name,
-            self.gain,
-            strides=2,
-            padding=self.padding,
-            use_norm=False,
-        )
+        layer = pre_activation_layer(self, self.features, 1, strides=2, padding=self.padding)
+        self.norm, self.act, self.conv = layer
 
     def __call__(self, h):
-        return self.conv(self.act(C.maybe(self.norm, h)))
+        return apply_pre_activation(h, self.norm, self.act, self.conv)
 
 
-class DenseNetBC(C.BlockModel):
+class DenseNetBC(ConvNet):
     """DenseNet-BC (see the module docstring)."""
 
     growth_rate: int = 12
@@ -123,55 +116,33 @@ class DenseNetBC(C.BlockModel):
     bottleneck_width: int = 4
     reduction: float = 0.5
     transition_padding: int = 1
-    num_classes: int = 10
-    act_spec: C.ActivationSpec = C.ActivationSpec()
-    init_name: str = "kaiming_normal"
-    gain: float = 2.0**0.5
-    norm_spec: C.NormSpec = C.NormSpec("batchnorm")
-    head_init: str = "kaiming_normal"
-    head_gain: float = 1.0
-
-    def check_input(self, x):
-        C.check_input(x, 4, "DenseNetBC (NHWC images)")
 
     def layout(self):
         k = self.growth_rate
         channels = 2 * k
-        stem = lambda train, c=channels, **kw: ConvNormAct(  # noqa: E731
-            c, 3, None, self.norm_spec, self.init_name, self.gain, use_norm=False, **kw
-        )
+        stem = self.conv_layer(channels, act_spec=None, use_norm=False)
         stages = [C.Stage("stem", ("stem",), stem)]
-        common = (self.act_spec, self.norm_spec, self.init_name, self.gain)
+        common = dict(
+            act_spec=self.act_spec,
+            norm_spec=self.norm_spec,
+            init_name=self.init_name,
+            gain=self.gain,
+        )
         for s, n in enumerate(self.block_sizes, start=1):
             for i in range(1, n + 1):
-                make = lambda train, **kw: DenseBottleneck(  # noqa: E731
-                    k, self.bottleneck_width * k, *common, train=train, **kw
-                )
+                make = C.module_factory(DenseBottleneck, k, self.bottleneck_width * k, **common)
                 name = f"stage{s}.block{i}"
                 stages.append(C.Stage(f"stage{s}_block{i}", (name,), make, residual=True))
                 channels += k
             if s < len(self.block_sizes):
                 channels = max(1, int(channels * self.reduction))
-                make = lambda train, c=channels, **kw: Transition(  # noqa: E731
-                    c, self.transition_padding, *common, train=train, **kw
-                )
+                make = C.module_factory(Transition, channels, self.transition_padding, **common)
                 stages.append(C.Stage(f"transition{s}", (f"transition{s}",), make))
-        head = lambda train, **kw: Head(  # noqa: E731
-            self.num_classes,
-            self.norm_spec,
-            self.head_init,
-            self.head_gain,
-            act_spec=self.act_spec,
-            pre_norm=True,
-            train=train,
-            **kw,
-        )
-        stages.append(C.Stage("head", ("head",), head))
+        stages.append(self.head_stage(act_spec=self.act_spec, pre_norm=True))
         return stages
 
 
 def from_config(cfg: dict) -> DenseNetBC:
-    act = C.activation_spec(cfg)
     reduction = C.check_float(cfg["reduction"], "reduction", positive=True)
     if reduction > 1:
         raise ValueError(f"Config `reduction` must be in (0, 1]; got {reduction}.")
@@ -181,11 +152,5 @@ def from_config(cfg: dict) -> DenseNetBC:
         bottleneck_width=C.check_positive_int(cfg["bottleneck_width"], "bottleneck_width"),
         reduction=reduction,
         transition_padding=C.check_positive_int(cfg["transition_padding"], "transition_padding", 0),
-        num_classes=C.check_positive_int(cfg["num_classes"], "num_classes"),
-        act_spec=act,
-        init_name=C.check_init(cfg["init"]),
-        gain=C.resolve_gain(cfg, act),
-        norm_spec=C.norm_spec(cfg, NORMALIZATIONS),
-        head_init=C.check_init(cfg["head_init"], "head_init", conv=False),
-        head_gain=C.check_float(cfg["head_gain"], "head_gain", positive=True),
+        **C.classifier_kwargs(cfg),
     )

@@ -1,6 +1,9 @@
-"""Layer blocks shared by the convolutional families: conv→norm→act and the heads."""
+"""Pieces shared by the convolutional families: conv→norm→act, the head, the
+:class:`ConvNet` base and the :class:`ResidualBlock` base of the ResNet blocks."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -60,18 +63,6 @@ class ConvNormAct(nn.Module):
         return h
 
 
-
-def conv_layer_factory(model, features: int, strides: int = 1, kernel_size: int = 3):
-    """``make(train, **kw)`` building a ``ConvNormAct`` with ``model``'s activation,
-    normalization and init (the stage factory of the plain conv nets)."""
-
-    def make(train, **kw):
-        return ConvNormAct(features, kernel_size, model.act_spec, model.norm_spec,
-                           model.init_name, model.gain, strides=strides, train=train, **kw)
-
-    return make
-
-
 class Head(nn.Module):
     """``h ↦ dense(mean_{H,W}(act(norm(h))) [+ b])``: the classifier of the conv nets.
 
@@ -113,3 +104,108 @@ class Head(nn.Module):
         if self.scalar_bias:
             h = h + self.bias.astype(h.dtype)
         return self.dense(h)
+
+
+class ConvNet(C.Classifier):
+    """Base of the convolutional families (NHWC images): their conv layers and head."""
+
+    norm_spec: C.NormSpec = C.NormSpec("batchnorm")
+
+    def check_input(self, x):
+        C.check_input(x, 4, f"{type(self).__name__} (NHWC images)")
+
+    def conv_layer(self, features: int, strides: int = 1, kernel_size: int = 3, **fields):
+        """``make(train, **kw)`` building a :class:`ConvNormAct` with this model's
+        activation, normalization, init and gain; ``fields`` override or add
+        ConvNormAct fields (e.g. ``act_spec=None``, ``pool=True``)."""
+        fields = {
+            "act_spec": self.act_spec,
+            "norm_spec": self.norm_spec,
+            "init_name": self.init_name,
+            "gain": self.gain,
+            "strides": strides,
+            **fields,
+        }
+        return C.module_factory(ConvNormAct, features, kernel_size, **fields)
+
+    def head_stage(self, **fields) -> C.Stage:
+        """The ``head`` stage: a :class:`Head` with this model's classes and head init."""
+        make = C.module_factory(
+            Head, self.num_classes, self.norm_spec, self.head_init, self.head_gain, **fields
+        )
+        return C.Stage("head", ("head",), make)
+
+
+def residual_stage(s: int, num_blocks: int, first, rest, **first_kw) -> list[C.Stage]:
+    """Stage ``s`` of a ResNet: ``stage{s}.block1`` (``make`` ``first``) on its own,
+    as it may change the shape, and blocks 2..n (``rest``) as one scanned group."""
+    stages = [C.Stage(f"stage{s}_block1", (f"stage{s}.block1",), first, residual=True, **first_kw)]
+    names = tuple(f"stage{s}.block{i}" for i in range(2, num_blocks + 1))
+    if names:
+        stages.append(C.Stage(f"stage{s}", names, rest, scanned=True, residual=True))
+    return stages
+
+
+class ResidualBlock(nn.Module):
+    """Base of the ResNet blocks: ``shortcut(h) + branch(h)``, the activation in
+    front and Fixup's scalars.
+
+    The shared fields are keyword-only (subclasses put their own fields first).
+    ``setup`` calls :meth:`setup_fixup`; a branch of m convs is
+    :meth:`fixup_branch`: with ``scalars``, a bias before each conv (``bias{k}a``)
+    and after each norm (``bias{k}b``), the multiplier ``scale`` (init 1) before the
+    last bias; with ``act_first`` the input is ``act_in(h)`` (the previous block's
+    post-addition activation, see :mod:`gne_jax.models.resnet_cifar`).
+    """
+
+    _: dataclasses.KW_ONLY
+    act_spec: C.ActivationSpec
+    norm_spec: C.NormSpec
+    gain: float
+    strides: int = 1
+    act_first: bool = True
+    scalars: bool = False
+    train: bool = False
+
+    def branch_conv(self, features: int, kernel_size: int, kernel_init, strides: int = 1):
+        """A conv of the block: this scheme's conv, no bias, the block's gain."""
+        return self.norm_spec.conv(
+            features,
+            kernel_size,
+            strides=strides,
+            kernel_init=kernel_init,
+            use_bias=False,
+            gain=self.gain,
+        )
+
+    def setup_fixup(self, num_convs: int) -> None:
+        if self.act_first:
+            self.act_in = self.act_spec.make()
+        if self.scalars:
+            pd = C.param_dtype()
+            for k in range(1, num_convs + 1):
+                for name in (f"bias{k}a", f"bias{k}b"):
+                    setattr(self, name, self.param(name, C.zeros_init, (), pd))
+            self.scale = self.param("scale", nn.initializers.ones, (), pd)
+
+    def _input(self, h):
+        return self.act_in(h) if self.act_first else h
+
+    def _bias(self, h, name):
+        return h + getattr(self, name).astype(h.dtype) if self.scalars else h
+
+    def fixup_branch(self, h, convs, norms, acts):
+        """act_in → bias1a → conv1 → norm1 → bias1b → act1 → bias2a → … → norm_m
+        → ·scale → bias_mb; ``acts`` has one activation fewer than ``convs``."""
+        h = self._input(h)
+        for k, (conv, norm) in enumerate(zip(convs, norms, strict=True), start=1):
+            h = C.maybe(norm, conv(self._bias(h, f"bias{k}a")))
+            if k == len(convs):
+                break
+            h = acts[k - 1](self._bias(h, f"bias{k}b"))
+        if self.scalars:
+            h = h * self.scale.astype(h.dtype)
+        return self._bias(h, f"bias{len(convs)}b")
+
+    def __call__(self, h):
+        return self.shortcut(h) + self.branch(h)

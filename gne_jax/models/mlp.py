@@ -27,23 +27,17 @@ from gne_jax.nn import activations as _act
 
 RESIDUALS = ("none", "pre", "post")
 
-DEFAULTS = {
-    "depth": 10,
-    "width": 256,
-    "num_classes": 10,
-    "input_layer": True,
-    **C.ACTIVATION_DEFAULTS,
-    "shaped_exponent": 0.4,
-    "init": "kaiming_normal",
-    "gain": None,
-    "normalization": "none",
-    "residual": "none",
-    "residual_scale": 1.0,
-    "use_bias": False,
-    "head_init": "kaiming_normal",
-    "head_gain": 1.0,
-    "dtype": None,
-}
+DEFAULTS = C.family_defaults(
+    depth=10,
+    width=256,
+    input_layer=True,
+    shaped_exponent=0.4,
+    residual="none",
+    residual_scale=1.0,
+    use_bias=False,
+    num_classes=10,
+    normalization="none",
+)
 
 
 class MLPBlock(nn.Module):
@@ -115,106 +109,65 @@ class Linear(nn.Module):
         return dense(h)
 
 
-class MLP(C.BlockModel):
+class MLP(C.Classifier):
     """MLP with the blocks ``input``, ``layer1..layer{depth}`` (scanned), ``head``."""
 
     depth: int = 10
     width: int = 256
-    num_classes: int | None = 10
     input_layer: bool = True
-    act_spec: C.ActivationSpec = C.ActivationSpec()
-    init_name: str = "kaiming_normal"
-    gain: float = 2.0**0.5
-    norm_spec: C.NormSpec = C.NormSpec()
     residual: str = "none"
     residual_scale: float = 1.0
     use_bias: bool = False
-    head_init: str = "kaiming_normal"
-    head_gain: float = 1.0
 
     def check_input(self, x):
         C.check_input(x, 2, "MLP", None if self.input_layer else self.width)
 
+    def _linear(self, name, features, init_name, gain) -> C.Stage:
+        """The input projection or the readout as a one-block stage."""
+        make = C.module_factory(Linear, features, self.norm_spec, init_name, gain, self.use_bias)
+        return C.Stage(name, (name,), make)
+
     def layout(self):
         stages = []
         if self.input_layer:
-            stages.append(
-                C.Stage(
-                    "input",
-                    ("input",),
-                    lambda train, **kw: Linear(
-                        self.width,
-                        self.norm_spec,
-                        self.init_name,
-                        1.0,
-                        self.use_bias,
-                        train=train,
-                        **kw,
-                    ),
-                )
-            )
+            stages.append(self._linear("input", self.width, self.init_name, 1.0))
         shaped = self.act_spec.name in C.SHAPED
-        xs = np.arange(1, self.depth + 1, dtype=np.float32) if shaped else None
+        hidden = C.module_factory(
+            MLPBlock,
+            self.width,
+            self.act_spec,
+            self.norm_spec,
+            self.init_name,
+            self.gain,
+            self.residual,
+            self.residual_scale,
+            self.use_bias,
+        )
         stages.append(
             C.Stage(
                 "hidden",
                 tuple(f"layer{i}" for i in range(1, self.depth + 1)),
-                lambda train, **kw: MLPBlock(
-                    self.width,
-                    self.act_spec,
-                    self.norm_spec,
-                    self.init_name,
-                    self.gain,
-                    self.residual,
-                    self.residual_scale,
-                    self.use_bias,
-                    train=train,
-                    **kw,
-                ),
+                hidden,
                 scanned=True,
-                xs=xs,
+                xs=np.arange(1, self.depth + 1, dtype=np.float32) if shaped else None,
                 residual=self.residual != "none",
                 identity_shortcut=True,
             )
         )
         if self.num_classes is not None:
-            stages.append(
-                C.Stage(
-                    "head",
-                    ("head",),
-                    lambda train, **kw: Linear(
-                        self.num_classes,
-                        self.norm_spec,
-                        self.head_init,
-                        self.head_gain,
-                        self.use_bias,
-                        train=train,
-                        **kw,
-                    ),
-                )
-            )
+            stages.append(self._linear("head", self.num_classes, self.head_init, self.head_gain))
         return stages
 
 
 def from_config(cfg: dict) -> MLP:
     """Validated :class:`MLP` from a merged config dict (see ``DEFAULTS``)."""
-    act = C.activation_spec(cfg, allow_shaped=True)
-    num_classes = cfg["num_classes"]
-    if num_classes is not None:
-        num_classes = C.check_positive_int(num_classes, "num_classes")
-    residual = C.check_choice(cfg["residual"], "residual", RESIDUALS)
+    kwargs = C.classifier_kwargs(cfg, C.NORMALIZATIONS, conv=False)
     return MLP(
         depth=C.check_positive_int(cfg["depth"], "depth"),
         width=C.check_positive_int(cfg["width"], "width"),
-        num_classes=num_classes,
         input_layer=bool(cfg["input_layer"]),
-        act_spec=act,
-        init_name=C.check_init(cfg["init"], conv=False),
-        gain=C.resolve_gain(cfg, act),
-        norm_spec=C.norm_spec(cfg),
-        residual=residual,
+        residual=C.check_choice(cfg["residual"], "residual", RESIDUALS),
         residual_scale=C.check_float(cfg["residual_scale"], "residual_scale"),
         use_bias=bool(cfg["use_bias"]),
-        head_init=C.check_init(cfg["head_init"], "head_init", conv=False),
-        head_gain=C.check_float(cfg["head_gain"], "head_gain", positive=True),
+        **kwargs,
     )

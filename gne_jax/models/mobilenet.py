@@ -14,47 +14,28 @@ width and stride 1 (``layer7 … layer11``, 512 → 512) form one scanned group.
 from __future__ import annotations
 
 from gne_jax.models import common as C
-from gne_jax.models.layers import Head, conv_layer_factory
+from gne_jax.models.layers import ConvNet
 
-DEFAULTS = {
-    "stem_width": 32,
-    "widths": (64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024),
-    "strides": (1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1),
-    "width_multiplier": 1.0,
-    "num_classes": 1000,
-    **C.ACTIVATION_DEFAULTS,
-    "init": "kaiming_normal",
-    "gain": None,
-    "normalization": "batchnorm",
-    "head_init": "kaiming_normal",
-    "head_gain": 1.0,
-    "dtype": None,
-}
-NORMALIZATIONS = ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly")
+DEFAULTS = C.family_defaults(
+    stem_width=32,
+    widths=(64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024),
+    strides=(1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1),
+    width_multiplier=1.0,
+    num_classes=1000,
+    normalization="batchnorm",
+)
 
 
-class ConvMobileNet(C.BlockModel):
+class ConvMobileNet(ConvNet):
     """Conv-MobileNet V1 (see the module docstring)."""
 
     stem_width: int = 32
     widths: tuple[int, ...] = DEFAULTS["widths"]
     strides: tuple[int, ...] = DEFAULTS["strides"]
     num_classes: int = 1000
-    act_spec: C.ActivationSpec = C.ActivationSpec()
-    init_name: str = "kaiming_normal"
-    gain: float = 2.0**0.5
-    norm_spec: C.NormSpec = C.NormSpec("batchnorm")
-    head_init: str = "kaiming_normal"
-    head_gain: float = 1.0
-
-    def check_input(self, x):
-        C.check_input(x, 4, "ConvMobileNet (NHWC images)")
-
-    def _layer(self, features, strides):
-        return conv_layer_factory(self, features, strides)
 
     def layout(self):
-        stages = [C.Stage("stem", ("stem",), self._layer(self.stem_width, 2))]
+        stages = [C.Stage("stem", ("stem",), self.conv_layer(self.stem_width, 2))]
         c_in, i, n = self.stem_width, 0, len(self.widths)
         while i < n:
             w, s = self.widths[i], self.strides[i]
@@ -64,19 +45,17 @@ class ConvMobileNet(C.BlockModel):
                     j += 1
             names = tuple(f"layer{k + 1}" for k in range(i, j))
             if len(names) > 1:
-                stages.append(C.Stage(f"layers{i + 1}_{j}", names, self._layer(w, 1), scanned=True))
+                stages.append(
+                    C.Stage(f"layers{i + 1}_{j}", names, self.conv_layer(w), scanned=True)
+                )
             else:
-                stages.append(C.Stage(f"layer{i + 1}", names, self._layer(w, s)))
+                stages.append(C.Stage(f"layer{i + 1}", names, self.conv_layer(w, s)))
             c_in, i = w, j
-        head = lambda train, **kw: Head(  # noqa: E731
-            self.num_classes, self.norm_spec, self.head_init, self.head_gain, train=train, **kw
-        )
-        stages.append(C.Stage("head", ("head",), head))
+        stages.append(self.head_stage())
         return stages
 
 
 def from_config(cfg: dict) -> ConvMobileNet:
-    act = C.activation_spec(cfg)
     widths = C.check_positive_ints(cfg["widths"], "widths")
     strides = C.check_positive_ints(cfg["strides"], "strides", len(widths))
     mult = C.check_float(cfg["width_multiplier"], "width_multiplier", positive=True)
@@ -85,11 +64,5 @@ def from_config(cfg: dict) -> ConvMobileNet:
         stem_width=scale(C.check_positive_int(cfg["stem_width"], "stem_width")),
         widths=tuple(scale(w) for w in widths),
         strides=strides,
-        num_classes=C.check_positive_int(cfg["num_classes"], "num_classes"),
-        act_spec=act,
-        init_name=C.check_init(cfg["init"]),
-        gain=C.resolve_gain(cfg, act),
-        norm_spec=C.norm_spec(cfg, NORMALIZATIONS),
-        head_init=C.check_init(cfg["head_init"], "head_init", conv=False),
-        head_gain=C.check_float(cfg["head_gain"], "head_gain", positive=True),
+        **C.classifier_kwargs(cfg),
     )

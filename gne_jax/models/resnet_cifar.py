@@ -6,7 +6,7 @@ AvgPool(kernel 1, stride 2) = ``h[:, ::2, ::2]`` plus zero channels; global
 average pooling and a linear layer.
 
 Normalization: "batchnorm", "smn" / "smn_l1" (with centred convs), "none" and the
-others of ``NORMALIZATIONS``. With ``normalization="none"``, ``fixup_p=p`` gives
+others of ``common.CONV_NORMALIZATIONS``. With ``normalization="none"``, ``fixup_p=p`` gives
 the paper's Fixup re-derivation (derivations §13): both branch convs get the init std
 × L^(−p/(2m)) with L = 3n blocks and m = 2 convs per branch (the last conv is
 not zero); ``fixup_scalars=True`` adds Fixup's scalar biases before each conv and
@@ -28,33 +28,20 @@ activation after an addition is applied at the start of the *next* block
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax.numpy as jnp
 
 from gne_jax.models import common as C
-from gne_jax.models.layers import ConvNormAct, Head
-from gne_jax.models.serial_cnn import check_depth
+from gne_jax.models.common import fixup_scale  # also imported from here by gne_jax.theory
+from gne_jax.models.layers import ConvNet, ResidualBlock, residual_stage
 
-DEFAULTS = {
-    "depth": 56,
-    "widths": (16, 32, 64),
-    "num_classes": 10,
-    **C.ACTIVATION_DEFAULTS,
-    "init": "kaiming_normal",
-    "gain": None,
-    "normalization": "batchnorm",
-    "fixup_p": None,
-    "fixup_scalars": False,
-    "head_init": "kaiming_normal",
-    "head_gain": 1.0,
-    "dtype": None,
-}
-NORMALIZATIONS = ("none", "batchnorm", "smn", "smn_l1", "sws", "weightnorm", "meanonly")
-
-
-def fixup_scale(num_blocks: int, p: float | None, m: int) -> float:
-    """L^(−p/(2m)): the std factor of the branch convs in the paper's Fixup (derivations §13)."""
-    return 1.0 if p is None else float(num_blocks) ** (-p / (2.0 * m))
+DEFAULTS = C.family_defaults(
+    depth=56,
+    widths=(16, 32, 64),
+    num_classes=10,
+    normalization="batchnorm",
+    fixup_p=None,
+    fixup_scalars=False,
+)
 
 
 def subsample_pad(h, strides: int, features: int):
@@ -69,166 +56,70 @@ def subsample_pad(h, strides: int, features: int):
     return h
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(ResidualBlock):
     """``shortcut(h) + branch(h)``; with ``act_first`` both act on ``act(h)``."""
 
     features: int
-    act_spec: C.ActivationSpec
-    norm_spec: C.NormSpec
     init_name: str
-    gain: float
-    strides: int = 1
-    act_first: bool = True
-    scalars: bool = False
-    train: bool = False
 
     def setup(self):
-        conv = lambda s: self.norm_spec.conv(  # noqa: E731
-            self.features,
-            3,
-            strides=s,
-            kernel_init=C.kernel_init(self.init_name, self.gain),
-            use_bias=False,
-            gain=self.gain,
-        )
-        self.conv1 = conv(self.strides)
+        init = C.kernel_init(self.init_name, self.gain)
+        self.conv1 = self.branch_conv(self.features, 3, init, self.strides)
         self.norm1 = self.norm_spec.norm(self.train)
-        self.conv2 = conv(1)
+        self.conv2 = self.branch_conv(self.features, 3, init)
         self.norm2 = self.norm_spec.norm(self.train)
         self.act_mid = self.act_spec.make()
-        if self.act_first:
-            self.act_in = self.act_spec.make()
-        if self.scalars:
-            zeros, ones = C.zeros_init, nn.initializers.ones
-            pd = C.param_dtype()
-            self.bias1a = self.param("bias1a", zeros, (), pd)
-            self.bias1b = self.param("bias1b", zeros, (), pd)
-            self.bias2a = self.param("bias2a", zeros, (), pd)
-            self.scale = self.param("scale", ones, (), pd)
-            self.bias2b = self.param("bias2b", zeros, (), pd)
-
-    def _input(self, h):
-        return self.act_in(h) if self.act_first else h
-
-    def _bias(self, h, name):
-        return h + getattr(self, name).astype(h.dtype) if self.scalars else h
+        self.setup_fixup(2)
 
     def branch(self, h):
-        h = self._bias(self._input(h), "bias1a")
-        h = self._bias(C.maybe(self.norm1, self.conv1(h)), "bias1b")
-        h = self._bias(self.act_mid(h), "bias2a")
-        h = C.maybe(self.norm2, self.conv2(h))
-        if self.scalars:
-            h = h * self.scale.astype(h.dtype)
-        return self._bias(h, "bias2b")
+        return self.fixup_branch(
+            h, (self.conv1, self.conv2), (self.norm1, self.norm2), (self.act_mid,)
+        )
 
     def shortcut(self, h):
         return subsample_pad(self._input(h), self.strides, self.features)
 
-    def __call__(self, h):
-        return self.shortcut(h) + self.branch(h)
 
-
-class ResNetCIFAR(C.BlockModel):
+class ResNetCIFAR(ConvNet):
     """CIFAR ResNet with 6n + 2 layers (see the module docstring)."""
 
     depth: int = 56
     widths: tuple[int, ...] = (16, 32, 64)
-    num_classes: int = 10
-    act_spec: C.ActivationSpec = C.ActivationSpec()
-    init_name: str = "kaiming_normal"
-    gain: float = 2.0**0.5
-    norm_spec: C.NormSpec = C.NormSpec("batchnorm")
     fixup_p: float | None = None
     fixup_scalars: bool = False
-    head_init: str = "kaiming_normal"
-    head_gain: float = 1.0
-
-    def check_input(self, x):
-        C.check_input(x, 4, "ResNetCIFAR (NHWC images)")
 
     def _block(self, features, strides, act_first):
         n = (self.depth - 2) // 6
-        gain = self.gain * fixup_scale(3 * n, self.fixup_p, 2)
-
-        def make(train, **kw):
-            return BasicBlock(
-                features,
-                self.act_spec,
-                self.norm_spec,
-                self.init_name,
-                gain,
-                strides=strides,
-                act_first=act_first,
-                scalars=self.fixup_scalars,
-                train=train,
-                **kw,
-            )
-
-        return make
+        return C.module_factory(
+            BasicBlock,
+            features,
+            self.init_name,
+            act_spec=self.act_spec,
+            norm_spec=self.norm_spec,
+            gain=self.gain * fixup_scale(3 * n, self.fixup_p, 2),
+            strides=strides,
+            act_first=act_first,
+            scalars=self.fixup_scalars,
+        )
 
     def layout(self):
         n = (self.depth - 2) // 6
-        stem = lambda train, **kw: ConvNormAct(  # noqa: E731
-            self.widths[0],
-            3,
-            self.act_spec,
-            self.norm_spec,
-            self.init_name,
-            self.gain,
-            use_bias=False,
-            scalar_bias=self.fixup_scalars,
-            train=train,
-            **kw,
-        )
+        stem = self.conv_layer(self.widths[0], use_bias=False, scalar_bias=self.fixup_scalars)
         stages = [C.Stage("stem", ("stem",), stem)]
         for s, w in enumerate(self.widths, start=1):
-            strides = 1 if s == 1 else 2
-            stages.append(
-                C.Stage(
-                    f"stage{s}_block1",
-                    (f"stage{s}.block1",),
-                    self._block(w, strides, act_first=s > 1),
-                    residual=True,
-                    identity_shortcut=s == 1,
-                )
-            )
-            names = tuple(f"stage{s}.block{i}" for i in range(2, n + 1))
-            if names:
-                stages.append(
-                    C.Stage(
-                        f"stage{s}", names, self._block(w, 1, True), scanned=True, residual=True
-                    )
-                )
-        head = lambda train, **kw: Head(  # noqa: E731
-            self.num_classes,
-            self.norm_spec,
-            self.head_init,
-            self.head_gain,
-            act_spec=self.act_spec,
-            scalar_bias=self.fixup_scalars,
-            train=train,
-            **kw,
-        )
-        stages.append(C.Stage("head", ("head",), head))
+            first = self._block(w, 1 if s == 1 else 2, act_first=s > 1)
+            rest = self._block(w, 1, True)
+            stages += residual_stage(s, n, first, rest, identity_shortcut=s == 1)
+        stages.append(self.head_stage(act_spec=self.act_spec, scalar_bias=self.fixup_scalars))
         return stages
 
 
-def check_fixup(cfg: dict, normalization: str):
+def from_config(cfg: dict) -> ResNetCIFAR:
+    kwargs = C.classifier_kwargs(cfg)
     p = C.check_float(cfg["fixup_p"], "fixup_p", positive=True, allow_none=True)
     scalars = bool(cfg["fixup_scalars"])
-    if (p is not None or scalars) and normalization != "none":
-        raise ValueError(
-            "Fixup (`fixup_p`, `fixup_scalars`) replaces normalization: it needs "
-            f"normalization='none'; got normalization={normalization!r}."
-        )
-    return p, scalars
-
-
-def from_config(cfg: dict) -> ResNetCIFAR:
-    act = C.activation_spec(cfg)
-    norm = C.norm_spec(cfg, NORMALIZATIONS)
-    p, scalars = check_fixup(cfg, norm.name)
+    if p is not None or scalars:
+        C.check_fixup_normalization("`fixup_p`, `fixup_scalars`", kwargs["norm_spec"].name)
     widths = C.check_positive_ints(cfg["widths"], "widths", 3)
     if any(b < a for a, b in zip(widths, widths[1:], strict=False)):
         raise ValueError(
@@ -236,15 +127,9 @@ def from_config(cfg: dict) -> ResNetCIFAR:
             f"channels); got {widths}."
         )
     return ResNetCIFAR(
-        depth=check_depth(cfg["depth"]),
+        depth=C.check_depth(cfg["depth"]),
         widths=widths,
-        num_classes=C.check_positive_int(cfg["num_classes"], "num_classes"),
-        act_spec=act,
-        init_name=C.check_init(cfg["init"]),
-        gain=C.resolve_gain(cfg, act),
-        norm_spec=norm,
         fixup_p=p,
         fixup_scalars=scalars,
-        head_init=C.check_init(cfg["head_init"], "head_init", conv=False),
-        head_gain=C.check_float(cfg["head_gain"], "head_gain", positive=True),
+        **kwargs,
     )

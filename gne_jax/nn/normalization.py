@@ -126,7 +126,72 @@ def _out_dtype(module, x):
     return module.dtype or jnp.result_type(x.dtype, module.param_dtype)
 
 
-class SecondMomentNorm(nn.Module):
+class _BatchStatNorm(nn.Module):
+    """Base of the batch-statistic layers: the fields and the call they share.
+
+    ``__call__`` merges ``use_running_average``, takes the per-feature statistic
+    of the batch (:meth:`batch_statistics`) or the running one
+    (:meth:`running_statistics`), updates the running value ``batch_stats/<stat_name>``
+    (init ``stat_init``), and returns ``x·mul + shift`` (:meth:`normalizer`) with the
+    optional per-feature γ, β. Subclasses set ``stat_name``/``stat_init`` and the
+    three hooks; the statistics are in at least float32.
+    """
+
+    use_running_average: bool | None = None
+    axis: Axes = -1
+    momentum: float = 0.9
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Callable = nn.initializers.zeros
+    scale_init: Callable = nn.initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+
+    stat_name = "mean"
+    stat_init = staticmethod(jnp.zeros)
+
+    def check(self) -> None:
+        """Raises ValueError for inconsistent fields (before touching any variable)."""
+
+    def batch_statistics(self, x: Array, reduction_axes: tuple[int, ...]):
+        """(statistics used by :meth:`normalizer`, value tracked in the running average)."""
+        raise NotImplementedError
+
+    def running_statistics(self, running: Array):
+        """The statistics of :meth:`normalizer` from the running value (evaluation)."""
+        raise NotImplementedError
+
+    def normalizer(self, stats, x: Array, reduction_axes: tuple[int, ...]):
+        """(per-feature multiplier or None, per-feature shift or None)."""
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+        """Normalizes ``x`` per feature with batch (or running) statistics."""
+        self.check()
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        feature_axes, reduction_axes, feature_shape = _split_axes(x, self.axis)
+        ra = self.variable(
+            "batch_stats", self.stat_name, self.stat_init, feature_shape, jnp.float32
+        )
+        xs = x.astype(_stat_dtype(x))
+        if use_running_average:
+            stats = self.running_statistics(ra.value.astype(xs.dtype))
+        else:
+            stats, tracked = self.batch_statistics(xs, reduction_axes)
+            _update(self, ra, lax.stop_gradient(tracked).astype(jnp.float32))
+        mul, shift = self.normalizer(stats, x, reduction_axes)
+        y = _scale_shift(
+            self, xs, mul, shift, feature_axes, feature_shape, self.use_scale, self.use_bias
+        )
+        return y.astype(_out_dtype(self, x))
+
+
+class SecondMomentNorm(_BatchStatNorm):
     """Second moment normalization, SMN (derivations §12; reference ``L2Norm2d``/``L1Norm2d``).
 
     Per feature c with the statistic taken over all other axes (M values):
@@ -142,24 +207,17 @@ class SecondMomentNorm(nn.Module):
     backward pass (derivations §12.2) is what autodiff of this forward pass computes.
     """
 
-    use_running_average: bool | None = None
-    axis: Axes = -1
-    momentum: float = 0.9
     epsilon: float = 1e-5
     epsilon_inside_sqrt: bool = False
     variant: str = "l2"
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Callable = nn.initializers.zeros
-    scale_init: Callable = nn.initializers.ones
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
-    @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
-        """Normalizes ``x`` per feature by its batch (or running) second moment."""
+    stat_init = staticmethod(jnp.ones)
+
+    @property
+    def stat_name(self) -> str:
+        return "rms" if self.variant == "l2" else "mean_abs"
+
+    def check(self) -> None:
         if self.variant not in SMN_VARIANTS:
             raise ValueError(
                 f"SecondMomentNorm: unknown variant {self.variant!r}; valid: {list(SMN_VARIANTS)}."
@@ -168,90 +226,47 @@ class SecondMomentNorm(nn.Module):
             raise ValueError("SecondMomentNorm: epsilon_inside_sqrt applies to variant='l2' only.")
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"SecondMomentNorm: momentum must be in [0, 1], got {self.momentum}.")
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        feature_axes, reduction_axes, feature_shape = _split_axes(x, self.axis)
-        name = "rms" if self.variant == "l2" else "mean_abs"
-        ra = self.variable("batch_stats", name, jnp.ones, feature_shape, jnp.float32)
 
-        cdtype = _stat_dtype(x)
-        if use_running_average:
-            stat = ra.value.astype(cdtype)
-            ms = stat * stat
+    # stats = (m̄, E[x²]); E[x²] is None for l1 (only the inside-sqrt form needs it)
+    def batch_statistics(self, x, reduction_axes):
+        if self.variant == "l2":
+            ms = _batch_mean(self, x * x, reduction_axes)
+            stat = _safe_sqrt(ms)
         else:
-            xs = x.astype(cdtype)
-            if self.variant == "l2":
-                ms = _batch_mean(self, xs * xs, reduction_axes)
-                stat = _safe_sqrt(ms)
-            else:
-                stat = _batch_mean(self, jnp.abs(xs), reduction_axes)
-            _update(self, ra, lax.stop_gradient(stat).astype(jnp.float32))
+            ms, stat = None, _batch_mean(self, jnp.abs(x), reduction_axes)
+        return (stat, ms), stat
 
+    def running_statistics(self, running):
+        return running, running * running
+
+    def normalizer(self, stats, x, reduction_axes):
+        stat, ms = stats
         if self.epsilon_inside_sqrt:
-            inv = lax.rsqrt(ms + self.epsilon)
-        else:
-            inv = 1.0 / (stat + self.epsilon)
-        y = _scale_shift(
-            self,
-            x.astype(cdtype),
-            inv,
-            None,
-            feature_axes,
-            feature_shape,
-            self.use_scale,
-            self.use_bias,
-        )
-        return y.astype(_out_dtype(self, x))
+            return lax.rsqrt(ms + self.epsilon), None
+        return 1.0 / (stat + self.epsilon), None
 
 
-class MeanOnlyBatchNorm(nn.Module):
+class MeanOnlyBatchNorm(_BatchStatNorm):
     """Mean-only batch norm (reference ``MeanOnlyBN``): y = x − E[x] + β, no division.
 
     Paired with Salimans weight norm in the reference's "original WN" baseline.
     Running mean in ``batch_stats/mean`` (init 0); no scale by default.
     """
 
-    use_running_average: bool | None = None
-    axis: Axes = -1
-    momentum: float = 0.9
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
     use_scale: bool = False
-    bias_init: Callable = nn.initializers.zeros
-    scale_init: Callable = nn.initializers.ones
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
-    @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
-        """Subtracts the per-feature batch (or running) mean."""
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        feature_axes, reduction_axes, feature_shape = _split_axes(x, self.axis)
-        ra = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
-        cdtype = _stat_dtype(x)
-        if use_running_average:
-            mean = ra.value.astype(cdtype)
-        else:
-            mean = _batch_mean(self, x, reduction_axes)
-            _update(self, ra, lax.stop_gradient(mean).astype(jnp.float32))
-        y = _scale_shift(
-            self,
-            x.astype(cdtype),
-            None,
-            -mean,
-            feature_axes,
-            feature_shape,
-            self.use_scale,
-            self.use_bias,
-        )
-        return y.astype(_out_dtype(self, x))
+    def batch_statistics(self, x, reduction_axes):
+        mean = _batch_mean(self, x, reduction_axes)
+        return mean, mean
+
+    def running_statistics(self, running):
+        return running
+
+    def normalizer(self, mean, x, reduction_axes):
+        return None, -mean
 
 
-class MeterezBatchNorm(nn.Module):
+class MeterezBatchNorm(_BatchStatNorm):
     """Batch norm of Meterez et al. (derivations §14.2): BN(X) = diag(XXᵀ)^(−1/2)·X.
 
     X is features × samples: each feature is divided by its **norm** over the batch
@@ -266,58 +281,35 @@ class MeterezBatchNorm(nn.Module):
     No affine parameters by default (the paper's theory runs have none).
     """
 
-    use_running_average: bool | None = None
-    axis: Axes = -1
-    momentum: float = 0.9
     epsilon: float = 1e-12
     scale_factor: float | str = 1.0
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
     use_bias: bool = False
     use_scale: bool = False
-    bias_init: Callable = nn.initializers.zeros
-    scale_init: Callable = nn.initializers.ones
-    axis_name: str | None = None
-    axis_index_groups: Any = None
 
-    @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
-        """Divides each feature by its norm over the batch."""
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        feature_axes, reduction_axes, feature_shape = _split_axes(x, self.axis)
-        count = math.prod(x.shape[a] for a in reduction_axes)
-        if self.scale_factor == "sqrt_n":
-            factor = math.sqrt(count)
-        elif isinstance(self.scale_factor, int | float) and not isinstance(self.scale_factor, bool):
-            factor = float(self.scale_factor)
-        else:
+    stat_name = "rms"
+    stat_init = staticmethod(jnp.ones)
+
+    def check(self) -> None:
+        ok = isinstance(self.scale_factor, int | float) and not isinstance(self.scale_factor, bool)
+        if self.scale_factor != "sqrt_n" and not ok:
             raise ValueError(
                 f"MeterezBatchNorm: scale_factor must be a number or 'sqrt_n', "
                 f"got {self.scale_factor!r}."
             )
-        ra = self.variable("batch_stats", "rms", jnp.ones, feature_shape, jnp.float32)
-        cdtype = _stat_dtype(x)
-        if use_running_average:
-            ms = ra.value.astype(cdtype) ** 2
-        else:
-            xs = x.astype(cdtype)
-            ms = _batch_mean(self, xs * xs, reduction_axes)
-            _update(self, ra, lax.stop_gradient(_safe_sqrt(ms)).astype(jnp.float32))
+
+    # stats = E[x²]
+    def batch_statistics(self, x, reduction_axes):
+        ms = _batch_mean(self, x * x, reduction_axes)
+        return ms, _safe_sqrt(ms)
+
+    def running_statistics(self, running):
+        return running**2
+
+    def normalizer(self, ms, x, reduction_axes):
+        count = math.prod(x.shape[a] for a in reduction_axes)
+        factor = math.sqrt(count) if self.scale_factor == "sqrt_n" else float(self.scale_factor)
         # ‖x_c‖² = M·E[x²]; with axis_name the count is per device, the mean is global.
-        inv = factor * lax.rsqrt(count * ms + self.epsilon)
-        y = _scale_shift(
-            self,
-            x.astype(cdtype),
-            inv,
-            None,
-            feature_axes,
-            feature_shape,
-            self.use_scale,
-            self.use_bias,
-        )
-        return y.astype(_out_dtype(self, x))
+        return factor * lax.rsqrt(count * ms + self.epsilon), None
 
 
 # ----------------------------------------------------------------------------
@@ -394,13 +386,24 @@ class CenteredConv(_KernelTransform, nn.Conv):
 
 
 class CenteredDense(_KernelTransform, nn.Dense):
-    """``nn.Dense`` with zero-mean columns (each output unit's weights centred)."""
+    """``nn.Dense`` with zero-mean columns, the Dense twin of :class:`CenteredConv`.
+
+    Each output unit's weights (a column of the ``(in, out)`` kernel) are centred
+    over the inputs; the MLP's ``smn`` option uses it.
+    """
 
     def transform_kernel(self, kernel):
         return center_kernel(kernel)
 
 
-class ScaledWSConv(_KernelTransform, nn.Conv):
+class _ScaledWSMixin(_KernelTransform):
+    def transform_kernel(self, kernel):
+        return standardize_kernel(
+            kernel, self.gain, unbiased=self.unbiased_std, epsilon=self.ws_epsilon
+        )
+
+
+class ScaledWSConv(_ScaledWSMixin, nn.Conv):
     """``nn.Conv`` with scaled weight standardization, sWS (derivations §10, ``WnConv2d``).
 
     W_i = gain/√n·(V_i − mean V_i)/std V_i per output filter, n = k_h·k_w·c_in;
@@ -411,23 +414,13 @@ class ScaledWSConv(_KernelTransform, nn.Conv):
     unbiased_std: bool = False
     ws_epsilon: float = 1e-10
 
-    def transform_kernel(self, kernel):
-        return standardize_kernel(
-            kernel, self.gain, unbiased=self.unbiased_std, epsilon=self.ws_epsilon
-        )
 
-
-class ScaledWSDense(_KernelTransform, nn.Dense):
+class ScaledWSDense(_ScaledWSMixin, nn.Dense):
     """``nn.Dense`` with scaled weight standardization (see :class:`ScaledWSConv`)."""
 
     gain: float = math.sqrt(2.0)
     unbiased_std: bool = False
     ws_epsilon: float = 1e-10
-
-    def transform_kernel(self, kernel):
-        return standardize_kernel(
-            kernel, self.gain, unbiased=self.unbiased_std, epsilon=self.ws_epsilon
-        )
 
 
 class _WeightNormMixin(_KernelTransform):
@@ -469,7 +462,8 @@ def weight_norm(layer: nn.Module, gain: float = math.sqrt(2.0), **kwargs) -> nn.
     )
 
 
-NORMALIZATIONS = {
+# The batch-statistic normalization layers by name.
+NORMALIZATION_LAYERS = {
     "batch_norm": BatchNorm,
     "smn": SecondMomentNorm,
     "mean_only_bn": MeanOnlyBatchNorm,
