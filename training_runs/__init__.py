@@ -1,0 +1,1 @@
+"""Training-time reproductions of the papers' figures (``python -m training_runs``)."""

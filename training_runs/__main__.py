@@ -1,0 +1,112 @@
+r"""``python -m training_runs``: run a paper group's training configs × repeats, then its figures.
+
+    python -m training_runs list
+    python -m training_runs digits data/digits.npz          # a small real dataset (scikit-learn)
+    python -m training_runs run normalization --dataset data/digits.npz --repeats 2 \
+        --out training_runs/results                         # small CPU version + figures
+    python -m training_runs run resnet56 --size paper --dataset cifar10 --repeats 4 --out runs/p
+    python -m training_runs aggregate normalization --out training_runs/results
+    python -m training_runs speed --out training_runs/results   # SMN vs BN step time
+
+Each run trains in ``<out>/<group>/<label>/seed<r>`` with ``gne_jax.training``; a finished
+run is not repeated (the same command resumes or skips it), so a group can be run in
+pieces. ``aggregate`` draws ``<group>_accuracy.png`` (mean test accuracy over repeats,
+legend "mean of last 10 ± 2σ"), ``<group>_gradients.png`` (per-layer gradient norms over
+the first epochs) and ``<group>_loss.png`` and writes ``<group>_summary.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from training_runs.figures import aggregate, slug
+from training_runs.groups import GROUPS, PAPER_COST, run_config
+
+
+def make_digits(path: str, seed: int = 0) -> None:
+    """scikit-learn's 8×8 handwritten digits (1797 images) as an .npz: 80/20 split, uint8."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.round(d.images * (255 / 16)).astype(np.uint8)
+    y = d.target.astype(np.int32)
+    perm = np.random.default_rng(seed).permutation(len(y))
+    n = int(0.8 * len(y))
+    tr, te = perm[:n], perm[n:]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez_compressed(path, x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te])
+    print(f"wrote {path}: {len(tr)} train, {len(te)} test, 8x8 grayscale, 10 classes")
+
+
+def run_group(group: str, *, dataset: str | None, repeats: int, size: str, out: str,
+              only: list[str] | None = None) -> None:
+    from gne_jax._cache import enable_compilation_cache
+    from gne_jax.training.train import train_and_evaluate
+
+    enable_compilation_cache()
+    runs = [r for r in GROUPS[group] if not only or r.label in only]
+    for run in runs:
+        for seed in range(repeats):
+            workdir = os.path.join(out, group, slug(run.label), f"seed{seed}")
+            config = run_config(group, run, size=size, dataset=dataset, seed=seed)
+            t0 = time.perf_counter()
+            try:
+                result = train_and_evaluate(config, workdir)
+                last = result.history[-1] if result.history else {}
+                print(f"{group} | {run.label} | seed {seed}: test acc "
+                      f"{last.get('eval_accuracy', float('nan')):.4f} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            except Exception as err:  # noqa: BLE001  (a diverged run is a result too)
+                print(f"{group} | {run.label} | seed {seed}: FAILED {type(err).__name__}: "
+                      f"{str(err)[:200]}", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m training_runs", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list")
+    d = sub.add_parser("digits")
+    d.add_argument("path")
+    for name in ("run", "aggregate"):
+        q = sub.add_parser(name)
+        q.add_argument("group", choices=sorted(GROUPS))
+        q.add_argument("--out", default="training_runs/results")
+        if name == "run":
+            q.add_argument("--dataset", default=None,
+                           help=".npz file, image folder, or a TFDS name (default: the "
+                                "config's own dataset)")
+            q.add_argument("--repeats", type=int, default=2)
+            q.add_argument("--size", choices=("small", "paper"), default="small")
+            q.add_argument("--only", nargs="*", help="run labels to run (default: all)")
+    s = sub.add_parser("speed")
+    s.add_argument("--out", default="training_runs/results")
+    s.add_argument("--depth", type=int, default=20)
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    if args.cmd == "list":
+        for g, runs in GROUPS.items():
+            print(f"{g}: {', '.join(r.label for r in runs)}  [paper size: {PAPER_COST[g]}]")
+        return
+    if args.cmd == "digits":
+        make_digits(args.path)
+        return
+    if args.cmd == "speed":
+        from training_runs.speed import speed_figure
+
+        print(speed_figure(args.out, depth=args.depth, batch=args.batch, repeats=args.repeats))
+        return
+    if args.cmd == "run":
+        run_group(args.group, dataset=args.dataset, repeats=args.repeats, size=args.size,
+                  out=args.out, only=args.only)
+    paths = aggregate(args.out, args.group, [r.label for r in GROUPS[args.group]])
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
