@@ -99,7 +99,7 @@ def main():
     raw_n = jax.jit(lambda p, V: jax.vmap(lambda v: raw_hvp(p, v))(V))
     t_raw_n = median_time(raw_n, params, probes, repeats=args.repeats)
 
-    trace_fn = jax.jit(lambda p, k: hessian_trace(loss, p, k, num_matvecs=N).value)
+    trace_fn = jax.jit(lambda p, k: hessian_trace(loss, p, key=k, num_probes=N).value)
     t_trace = median_time(trace_fn, params, kt, repeats=args.repeats)
     # The part of the trace cost that is not HVPs: drawing N Rademacher probes.
     draw = jax.jit(lambda k: jax.vmap(lambda k_: jax.random.rademacher(k_, (n,), jnp.float32))(
@@ -114,7 +114,8 @@ def main():
 
     v0 = jax.tree.map(lambda a: a[0], probes)
     t_raw_s = median_time(jax.jit(raw_seq), params, v0, repeats=args.repeats)
-    eig_fn = jax.jit(lambda p, k: hessian_eigenpairs(loss, p, k, num_eigs=5, num_steps=S).values)
+    eig_fn = jax.jit(lambda p, k: hessian_eigenpairs(loss, p, key=k, num_eigs=5,
+                                                     num_steps=S).values)
     t_eig = median_time(eig_fn, params, ke, repeats=args.repeats)
 
     def ours(p, v):

@@ -6,6 +6,9 @@ called per key), and inits per second for both. Compile time is excluded from bo
 (each is warmed up first) and reported separately.
 
     python benchmarks/ensemble_cost.py [--inits 64 --width 256 --depth 32 --probes 16]
+
+The vmapped ensemble is ``init_chunk=None`` (all inits at once); the library's default
+(``init_chunk="auto"``) is timed beside it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from timing import elapsed
 
 from gne_jax.models import create_model
 from gne_jax.probes.block_moments import block_moments, probe_compiler_options
-from gne_jax.probes.ensemble import ensemble_block_moments
+from gne_jax.probes.ensemble import default_init_chunk, ensemble_block_moments
 
 
 def main():
@@ -72,6 +75,10 @@ def main():
     print(f"vmapped ensemble: {t_ens / a.inits * 1e3:.2f} ms/init, {a.inits / t_ens:.1f} inits/s")
     print(f"Python loop:      {t_loop / a.inits * 1e3:.2f} ms/init, {a.inits / t_loop:.1f} inits/s")
     print(f"time per init, vmapped / loop: {t_ens / t_loop:.3f}")
+    jax.block_until_ready(ensemble("auto"))
+    t_d = np.median([elapsed(lambda: ensemble("auto")) for _ in range(a.repeats)])
+    print(f"default (init_chunk='auto' = {default_init_chunk()}): {t_d / a.inits * 1e3:.2f} "
+          f"ms/init, / loop: {t_d / t_loop:.3f}")
     for c in a.init_chunks:
         jax.block_until_ready(ensemble(c))
         t_c = np.median([elapsed(lambda c=c: ensemble(c)) for _ in range(a.repeats)])

@@ -86,6 +86,9 @@ def test_ensemble_equals_python_loop_over_the_same_keys():
     chunked = ensemble_block_moments(model, x, key=KEY, num_inits=4, train=True, num_probes=8,
                                      init_chunk=3)
     np.testing.assert_allclose(chunked.blocks.phi, ens.blocks.phi, rtol=2e-5)
+    every = ensemble_block_moments(model, x, key=KEY, num_inits=4, train=True, num_probes=8,
+                                   init_chunk=None)  # all inits vmapped at once
+    np.testing.assert_allclose(every.blocks.phi, ens.blocks.phi, rtol=2e-5)
     # XLA's default options (not the CPU -O1 of the probe programs) give the same moments
     plain = ensemble_block_moments(model, x, key=KEY, num_inits=4, train=True, num_probes=8,
                                    compiler_options=None)

@@ -87,7 +87,7 @@ def ensemble_block_moments(
     key: jax.Array,
     num_inits: int,
     train: bool = False,
-    init_chunk: int | None = None,
+    init_chunk: int | None | str = "auto",
     mesh: Mesh | None | str = "auto",
     compiler_options: dict | None | str = "auto",
     num_probes: int = 32,
@@ -108,8 +108,10 @@ def ensemble_block_moments(
       num_inits: ensemble size.
       train: measurement mode for batch-coupled layers (see ``block_moments``).
       init_chunk: inits drawn and probed at once per device (vmapped); the chunks run one
-        after the other, so only one chunk's variables are held at a time. For conv nets
-        on CPU, 1 compiles several times faster than vmapping kernels.
+        after the other, so only one chunk's variables are held at a time. ``None``: all
+        at once. ``"auto"`` (default, ``default_init_chunk``): 1 on CPU, where vmapping the
+        inits was measured slower than a loop of single-init calls (and compiles conv
+        kernels several times slower), all at once on accelerators.
       mesh: ``"auto"`` shards over all devices when there is more than one; a ``Mesh``
         with an ``"inits"`` axis to choose; ``None`` for no sharding.
       compiler_options: XLA options of the two programs. ``"auto"``: LLVM ``-O1`` on CPU
@@ -127,7 +129,20 @@ def ensemble_block_moments(
     return run_plan(plan)
 
 
-def plan_ensemble(model, x, *, key, num_inits, train=False, init_chunk=None, mesh="auto",
+def default_init_chunk(platform: str | None = None) -> int | None:
+    """The default ensemble strategy per backend: one init per call on CPU, all on GPU/TPU.
+
+    On a 2-core CPU, vmapping the inits of an MLP (width 256, depth 32, 64 inits) took
+    1.38× the time of a Python loop of jitted single-init calls, chunks of 8 1.13×, chunks
+    of 1 1.06× (``benchmarks/ensemble_cost.py``, ``benchmarks/RESULTS.md``): there is little
+    parallel hardware for a vmap to fill, and the batched working set spills the caches.
+    Accelerators are filled by the batch instead.
+    """
+    platform = platform or jax.default_backend()
+    return 1 if platform == "cpu" else None
+
+
+def plan_ensemble(model, x, *, key, num_inits, train=False, init_chunk="auto", mesh="auto",
                   compiler_options="auto", num_probes=32, method="hutchinson",
                   dist="rademacher", probe_chunk=None, block_chunk=None,
                   end_to_end=True) -> EnsemblePlan:
@@ -140,10 +155,13 @@ def plan_ensemble(model, x, *, key, num_inits, train=False, init_chunk=None, mes
         raise TypeError(f"`train` must be a bool; got {train!r}.")
     check_input_tree(x, "x")
     num_inits = check_positive_int(num_inits, "num_inits")
-    if init_chunk is not None:
-        check_positive_int(init_chunk, "init_chunk")
     if mesh == "auto":
         mesh = inits_mesh() if jax.device_count() > 1 else None
+    if init_chunk == "auto":
+        platform = (jax.devices() if mesh is None else mesh.devices.flat)[0].platform
+        init_chunk = default_init_chunk(platform)
+    if init_chunk is not None:
+        check_positive_int(init_chunk, "init_chunk")
     if mesh is not None and "inits" not in mesh.axis_names:
         raise ValueError(f"`mesh` must have an axis named 'inits'; got {mesh.axis_names}.")
     devices = 1 if mesh is None else mesh.shape["inits"]

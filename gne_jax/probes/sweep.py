@@ -66,7 +66,7 @@ def run_sweep(
     progress: Callable[[Iterable, int, str], Iterable] | None = None,
     max_compile_threads: int = 8,
     train: bool = False,
-    init_chunk: int | None = None,
+    init_chunk: int | None | str = "auto",
     mesh: Any = "auto",
     compiler_options: dict | None | str = "auto",
     num_probes: int = 32,

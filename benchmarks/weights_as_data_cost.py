@@ -1,0 +1,166 @@
+"""Weights as data: what an eager call at a new weight state costs, measured in one run.
+
+Prints, for a tanh MLP (depth × width, one input vector, K Rademacher probes):
+
+* compile time of ``jacobian_moments`` over that of the raw jitted program that draws the
+  probes and computes ‖Jᵀv‖², ‖JJᵀv‖² by vmap(VJP; JVP) (each: first call minus a warm call);
+* a call at a new weight state through a new closure (``lambda x: apply(new_params, x)``)
+  over the raw jitted probe called with the new parameters as arguments (median of N);
+* how many programs N such calls compiled (JAX monitoring events);
+* eager ``hessian_eigenpairs`` top-1 against a PyHessian-style power iteration in plain
+  JAX (a jitted HVP called from a Python loop until the Rayleigh quotient changes by less
+  than 1e-3 relative), first call (with compilation) and a second call at new weights.
+
+    python benchmarks/weights_as_data_cost.py [--depth 16 --width 1024 --probes 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import jax
+import jax.monitoring
+import jax.numpy as jnp
+import numpy as np
+from timing import elapsed
+
+from gne_jax import hessian_eigenpairs, jacobian_moments
+from gne_jax.probes import compiled
+from gne_jax.probes.stochtrace import rademacher
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def apply(params, x):
+    for w in params:
+        x = jnp.tanh(w @ x)
+    return x
+
+
+def init(seed, depth, width):
+    keys = jax.random.split(jax.random.key(seed), depth)
+    return [jax.random.normal(k, (width, width)) / np.sqrt(width) for k in keys]
+
+
+def raw_probe(num_probes):
+    """The autodiff floor: Σ‖Jᵀv‖², Σ‖JJᵀv‖² over hashed Rademacher probes, jitted."""
+
+    @jax.jit
+    def run(params, x, key):
+        out, jvp = jax.linearize(lambda z: apply(params, z), x)
+        vjp = jax.linear_transpose(jvp, x)
+
+        def one(k):
+            u = vjp(rademacher(k, out.shape, out.dtype))[0]
+            return jnp.sum(u**2), jnp.sum(jvp(u) ** 2)
+
+        a, b = jax.vmap(one)(jax.random.split(key, num_probes))
+        return jnp.mean(a) / out.size, jnp.mean(b) / out.size
+
+    return run
+
+
+def first_minus_warm(fn):
+    """(compile-ish time, warm time): the first call minus a second identical call."""
+    first = elapsed(fn)
+    warm = min(elapsed(fn) for _ in range(3))
+    return first - warm, warm
+
+
+def power_iteration(loss, params, key, tol=1e-3, max_iter=100):
+    """PyHessian's top eigenvalue: v ← Hv/‖Hv‖ until |Δλ| < tol·|λ|; jitted HVP, Python loop."""
+    hvp = _HVP.setdefault(loss, jax.jit(
+        lambda p, v: jax.jvp(jax.grad(loss), (p,), (v,))[1]))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    v = jax.tree.unflatten(tree, [jax.random.normal(k, a.shape)
+                                  for k, a in zip(keys, leaves, strict=True)])
+    lam = None
+    for _ in range(max_iter):
+        norm = jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree.leaves(v)))
+        v = jax.tree.map(lambda a: a / norm, v)
+        hv = hvp(params, v)
+        new = float(sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(v),
+                                                        jax.tree.leaves(hv), strict=True)))
+        if lam is not None and abs(new - lam) < tol * (abs(lam) + 1e-6):
+            return new
+        lam, v = new, hv
+    return lam
+
+
+_HVP: dict = {}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--depth", type=int, default=16)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--probes", type=int, default=64)
+    p.add_argument("--states", type=int, default=10)
+    a = p.parse_args()
+    x = jax.random.normal(jax.random.key(0), (a.width,))
+    key = jax.random.key(1)
+    states = [init(s, a.depth, a.width) for s in range(a.states + 2)]
+    raw = raw_probe(a.probes)
+    compiled.clear_programs()
+
+    def ours(params):
+        return jacobian_moments(lambda z: apply(params, z), x, key=key,
+                                num_probes=a.probes).phi
+
+    c_raw, w_raw = first_minus_warm(lambda: raw(states[0], x, key))
+    c_ours, w_ours = first_minus_warm(lambda: ours(states[0]))
+    events = []
+    listener = lambda name, d, **kw: events.append(d) if name == COMPILE_EVENT else None  # noqa
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    t_ours = np.median([elapsed(ours, s) for s in states[2:]])
+    n_compiled = len(events)
+    jax.monitoring.unregister_event_duration_listener(listener)
+    t_raw = np.median([elapsed(raw, s, x, key) for s in states[2:]])
+    phi_ours, phi_raw = float(ours(states[1])), float(raw(states[1], x, key)[0])
+
+    print(f"# device: {jax.devices()[0].device_kind} ({platform.machine()}), jax {jax.__version__}")
+    print(f"# tanh MLP depth {a.depth}, width {a.width}, one input, {a.probes} probes")
+    print(f"compile: jacobian_moments {c_ours:.2f} s, raw {c_raw:.2f} s, "
+          f"ratio {c_ours / c_raw:.2f}")
+    print(f"call at a new weight state (new closure): {t_ours * 1e3:.1f} ms, raw jitted "
+          f"{t_raw * 1e3:.1f} ms, ratio {t_ours / t_raw:.2f} "
+          f"(warm same-state calls: {w_ours * 1e3:.1f} / {w_raw * 1e3:.1f} ms)")
+    print(f"programs compiled over {a.states} new weight states: {n_compiled}")
+    print(f"phi: ours {phi_ours:.5f}, raw {phi_raw:.5f} (independent probe draws)")
+
+    # eager Hessian top eigenvalue vs PyHessian-style power iteration
+    kx, ky = jax.random.split(jax.random.key(2))
+    xs = jax.random.normal(kx, (256, 32))
+    ys = jax.random.normal(ky, (256, 10))
+
+    def net(seed):
+        ks = jax.random.split(jax.random.key(seed), 3)
+        dims = [(32, 64), (64, 64), (64, 10)]
+        return [jax.random.normal(k, d) / np.sqrt(d[0]) for k, d in zip(ks, dims, strict=True)]
+
+    def loss(ws):
+        h = xs
+        for w in ws[:-1]:
+            h = jnp.tanh(h @ w)
+        return 0.5 * jnp.mean((h @ ws[-1] - ys) ** 2)
+
+    rows = []
+    for seed in (10, 11):
+        ws = net(seed)
+        t = time.perf_counter()
+        ours_top = float(hessian_eigenpairs(loss, ws, key=key, num_eigs=1, num_steps=20).values[0])
+        t_e = time.perf_counter() - t
+        t = time.perf_counter()
+        pi_top = power_iteration(loss, ws, key)
+        t_p = time.perf_counter() - t
+        rows.append((t_e, t_p, ours_top, pi_top))
+    for label, (t_e, t_p, lo, lp) in zip(("first call", "new weights"), rows, strict=True):
+        print(f"hessian top-1 ({label}): eager hessian_eigenpairs {t_e:.3f} s, power iteration "
+              f"{t_p:.3f} s, ratio {t_e / t_p:.2f}; λ {lo:.5f} vs {lp:.5f}")
+
+
+if __name__ == "__main__":
+    main()
