@@ -4,8 +4,8 @@ For each network (tanh MLP, ReLU MLP, serial CNN with ReLU and leaky ReLU 0.18, 
 without normalization or shortcuts, default Kaiming init) this times
 
 * ``calibrate`` (default options: tol 0.05, 32 probes, verification on): the first call
-  (compile + run) and a second call on a fresh weight state of the same structure (run
-  only: the program is cached), and counts its VJP+JVP pairs (``report.matvecs``);
+  (compile + run) and calls on a second weight state of the same structure (run only:
+  the program is cached), and counts its VJP+JVP pairs (``report.matvecs``);
 * ``lsuv`` (Mishkin & Matas: orthonormal pre-init, Tol_var = 0.05, T_max = 10) the same
   way, counting forward passes of a block.
 
@@ -45,35 +45,49 @@ def networks(size: str):
 
 
 def timed(fn):
-    t = time.perf_counter()
+    """(result, wall seconds, process CPU seconds) of one call, waiting for the results.
+
+    CPU time (all threads of this process) is reported beside wall time because the
+    benchmark VM is shared: under load, wall time measures the neighbours too.
+    """
+    t, c = time.perf_counter(), time.process_time()
     out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - t
+    return out, time.perf_counter() - t, time.process_time() - c
+
+
+def median_run(fn, repeats):
+    runs = [timed(fn)[1:] for _ in range(repeats)]
+    return tuple(float(np.median([r[i] for r in runs])) for i in range(2))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("small", "paper"), default="small")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     print(f"# jax {jax.__version__} on {jax.default_backend()}, {platform.processor() or '?'}, "
-          f"{os.cpu_count()} CPUs, size {args.size}")
-    print("| network | blocks | calibrate first call (s) | calibrate run (s) | VJP+JVP pairs "
-          "| pairs / block | max iterations | LSUV first call (s) | LSUV run (s) "
-          "| LSUV block forwards | run time calibrate / LSUV |")
+          f"{os.cpu_count()} CPUs, size {args.size}; run = median of {args.repeats} calls on "
+          f"a second weight state (compiled); wall / CPU seconds")
+    print("| network | blocks | calibrate first call | calibrate run | VJP+JVP pairs "
+          "| pairs / block | max iterations | LSUV first call | LSUV run "
+          "| LSUV block forwards | CPU time calibrate / LSUV |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, cfg, shape in networks(args.size):
         model = gne_jax.create_model(cfg)
         x = jax.random.normal(jax.random.key(0), shape)
         v1 = model.init(jax.random.key(1), x)
         v2 = model.init(jax.random.key(2), x)
-        (_, r), t_first = timed(lambda: calibrate(model, v1, x, key=jax.random.key(3)))
-        (_, r), t_run = timed(lambda: calibrate(model, v2, x, key=jax.random.key(4)))
-        (_, lr), l_first = timed(lambda: lsuv(model, v1, x, key=jax.random.key(3), tol=0.05))
-        (_, lr), l_run = timed(lambda: lsuv(model, v2, x, key=jax.random.key(4), tol=0.05))
+        (_, r), cw, cc = timed(lambda: calibrate(model, v1, x, key=jax.random.key(3)))
+        (_, lr), lw, lc = timed(lambda: lsuv(model, v1, x, key=jax.random.key(3), tol=0.05))
+        rw, rc = median_run(lambda: calibrate(model, v2, x, key=jax.random.key(4)),
+                            args.repeats)
+        sw, sc = median_run(lambda: lsuv(model, v2, x, key=jax.random.key(4), tol=0.05),
+                            args.repeats)
         n = len(r.names)
-        print(f"| {label} (depth {cfg['depth']}) | {n} | {t_first:.1f} | {t_run:.2f} | "
-              f"{r.total_matvecs} | {r.total_matvecs / n:.0f} | {int(r.iterations.max())} | "
-              f"{l_first:.1f} | {l_run:.3f} | {int(np.sum(lr.forwards))} | "
-              f"{t_run / l_run:.0f} |", flush=True)
+        print(f"| {label} (depth {cfg['depth']}) | {n} | {cw:.1f} / {cc:.1f} | "
+              f"{rw:.2f} / {rc:.2f} | {r.total_matvecs} | {r.total_matvecs / n:.0f} | "
+              f"{int(r.iterations.max())} | {lw:.1f} / {lc:.1f} | {sw:.3f} / {sc:.3f} | "
+              f"{int(np.sum(lr.forwards))} | {rc / sc:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ Solver, per block (in log–log coordinates, u = ln g, y = ln φ):
 * start at g⁽⁰⁾ (1, a given array, or the theory start g⁽⁰⁾ = (target/φ_theory)^{1/2});
 * Newton/secant steps u ← u + (ln target − y)/s with slope s = 2 on the first step
   (exact for a homogeneous block with one weight layer: φ ∝ g²) and the secant slope of
-  the last two iterates after that (clipped to [0.25, 8]; steps clipped to a factor 4);
+  the last two scales after that (clipped to [0.5, 4]; steps clipped to a factor 4); a
+  measurement within 2 SE of the target is pooled with the next one at the same scale;
 * stop when |φ̂ − target| + 2·SE(φ̂) ≤ tol·target, or after ``max_iter`` measurements.
 
 For a ReLU or linear block the second measurement is accepted (one exact step); tanh
