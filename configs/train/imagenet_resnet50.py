@@ -36,4 +36,5 @@ def get_config(arg: str = "bn"):
     c.log_every_steps = 200
     c.checkpoint_every_steps = 5000
     c.grad_norm_epochs = 1
+    c.loader_workers = 8  # JPEG decode + random-resized crops in 8 worker processes
     return c

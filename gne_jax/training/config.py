@@ -128,4 +128,5 @@ def smoke(c: ml_collections.ConfigDict, *, image_size: int = 16, num_train: int 
     c.log_every_steps = 4
     c.checkpoint_every_steps = 0
     c.grad_norm_epochs = 1
+    c.loader_workers = 0
     return c
