@@ -183,11 +183,11 @@ def gradient_vs_depth(ctx: Context):
     fc → BN (Eq. 4) → identity, linear readout to 10 classes, cross-entropy, d = n = 100.
     log‖∇W₁L‖_F stays flat with orthogonal weights, grows roughly linearly in depth with
     Gaussian (Xavier) weights and explodes for a degenerate batch (repeated samples). Depths
-    5, 20, 50, 200 (paper 5…1000), 3 runs (paper 10); Gaussian batches replace CIFAR-10. Tolerance
+    5, 50, 200 (paper 5…1000), 3 runs (paper 10); Gaussian batches replace CIFAR-10. Tolerance
     (slope per layer of log‖∇W₁L‖, mean ± SE over runs): orthogonal |slope| ≤ 1e-3 + 3 SE;
     Gaussian and degenerate slope > 3 SE."""
     d = n = 100
-    depths = ctx.pick((5, 20, 50, 200), (5, 10, 20, 50, 100, 200, 500, 1000))
+    depths = ctx.pick((5, 50, 200), (5, 10, 20, 50, 100, 200, 500, 1000))
     runs = ctx.pick(3, 10)
     base = {"name": "mlp", "width": d, "num_classes": 10, "activation": "linear",
             "normalization": "meterez"}
@@ -204,13 +204,18 @@ def gradient_vs_depth(ctx: Context):
         m, se = _slopes(np.asarray(depths, float), vals)
         recs.append(record("slope_per_layer", m, se, 0.0, variant=name, d=d, n=n,
                            n_inits=runs, num_probes=0))
+        lo, hi = vals[0].mean(), vals[-1].mean()
+        why = (f"log‖∇W₁L‖ goes from {lo:.3g} at depth {depths[0]} to {hi:.3g} at depth "
+               f"{depths[-1]}; not explained here: the Gaussian stand-in batch (not CIFAR-10) "
+               f"and the depth range (the paper's curves run to 1000) are the first suspects")
         if name == "orthogonal":
             rows.append(judge("M3", METEREZ, "slope per layer, orthogonal (flat)", 0.0, m, se,
-                              abs_tol=1e-3, se_mult=3))
+                              abs_tol=1e-3, se_mult=3, fail_note=why))
         else:
             r = judge("M3", METEREZ, f"slope per layer, {name} (> 0)", 0.0, m, se,
                       tolerance="slope > 3 SE")
-            rows.append(r._replace(verdict=PASS if m > 3 * se else FAIL))
+            rows.append(r._replace(verdict=PASS if m > 3 * se else FAIL,
+                                   note="" if m > 3 * se else why))
     ctx.write_csv(recs)
     _sweep_figure(ctx, res, depths, f"Meterez MLP, BN (Eq. 4), identity, d = n = {d}, "
                   f"{runs} runs (95% CI)")
