@@ -72,6 +72,9 @@ def test_new_closures_at_new_weights_compile_once_and_match_a_jitted_reference()
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 12)), jnp.float32)
     key = jax.random.key(1)
     states = [random_params(s, widths) for s in range(6)]
+    # the statistics over the probe samples are one small program shared by every structure
+    # (per number of probes and dtype): compile it first with another function
+    jacobian_moments(lambda z: 2.0 * z, x, key=key, num_probes=8)
     results = []
     with count_compilations() as events:
         for i, p in enumerate(states):

@@ -200,27 +200,58 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def _moments_impl(fn, x, key, *, num_probes, method, dist, normalize, probe_chunk):
-    """The measurement itself (traceable; no checks, no compilation of its own)."""
+def _moment_samples(fn, x, key, *, num_probes, method, dist, normalize, probe_chunk):
+    """Per-probe (a ≈ φ, b ≈ φ₂) and whether fn(x) is finite (traceable; no checks).
+
+    For ``method="exact"`` a and b hold the exact φ and φ₂ (length 1).
+    """
     ops = jacobian_operators(fn, x)
     size = ops.out_size if normalize == "output" else ops.in_size
-    eps = _eps(x, ops.out)
     if method == "exact":
         tr1, tr2 = _exact_traces(ops, x)
-        phi, phi2 = tr1 / size, tr2 / size
+        a, b = (tr1 / size)[None], (tr2 / size)[None]
+    elif method == "hutchinson":
+        a, b = _hutchinson_samples(ops, key, num_probes, dist, probe_chunk)
+        a, b = a / size, b / size
+    else:
+        a, b = _hutchpp_samples(ops, key, num_probes, dist)
+        a, b = a / size, b / size
+    return a, b, _all_finite(ops.out)
+
+
+def _moment_stats(a, b, out_finite, *, exact, eps):
+    """(φ, φ₂, ϕ, SEs, finite) from the samples of ``_moment_samples``."""
+    if exact:
+        phi, phi2 = a[0], b[0]
         zero = jnp.zeros_like(phi)
         stats = (phi, phi2, phi2 - phi**2, zero, zero, precision_floor(phi, phi2, eps))
-        a, b, spent = phi[None], phi2[None], 0
     else:
-        if method == "hutchinson":
-            a, b = _hutchinson_samples(ops, key, num_probes, dist, probe_chunk)
-        else:
-            a, b = _hutchpp_samples(ops, key, num_probes, dist)
-        a, b = a / size, b / size
         stats = moments_from_samples(a, b, eps)
-        spent = num_probes
-    finite = _all_finite(ops.out) & jnp.isfinite(stats[0]) & jnp.isfinite(stats[1])
-    return JacobianMoments(*stats, a, b, spent, size, ops.out_size, ops.in_size, finite)
+    return (*stats, out_finite & jnp.isfinite(stats[0]) & jnp.isfinite(stats[1]))
+
+
+# One small program per (number of samples, dtype, method), shared by every function
+# probed eagerly: the statistics are not compiled again with each new structure.
+_moment_stats_jit = jax.jit(_moment_stats, static_argnames=("exact", "eps"))
+
+
+def _moments_impl(fn, x, key, *, num_probes, method, dist, normalize, probe_chunk, stats=None):
+    """The measurement itself (traceable; no checks, no compilation of its own)."""
+    sizes = _sizes(fn, x, normalize)
+    a, b, out_finite = _moment_samples(fn, x, key, num_probes=num_probes, method=method,
+                                       dist=dist, normalize=normalize, probe_chunk=probe_chunk)
+    eps = _eps(x, sizes[3])
+    *moments, finite = (stats or _moment_stats)(a, b, out_finite, exact=method == "exact",
+                                                eps=eps)
+    spent = 0 if method == "exact" else num_probes
+    return JacobianMoments(*moments, a, b, spent, *sizes[:3], finite)
+
+
+def _sizes(fn, x, normalize, out_struct=None):
+    """(size, out_size, in_size, output ShapeDtypeStructs) of the Jacobian of fn at x."""
+    out_struct = output_shape(fn, x) if out_struct is None else out_struct
+    m, n = tree_size(out_struct), tree_size(x)
+    return (m if normalize == "output" else n), m, n, out_struct
 
 
 def check_moment_options(*, num_probes, method, dist, normalize="output", probe_chunk=None):
@@ -306,8 +337,13 @@ def jacobian_moments(
             )
     if not eager or not is_concrete(consts):  # under an outer jit/vmap/grad: inline
         return _moments_impl(f, x, key, **options)
-    prog = compiled.program(_moments_impl, tuple(sorted(options.items())), (structure,))
-    result = prog([consts], x, key)
+    prog = compiled.program(_moment_samples, tuple(sorted(options.items())), (structure,))
+    a, b, out_finite = prog([consts], x, key)
+    sizes = _sizes(f, x, normalize, out_struct)
+    *moments, finite = _moment_stats_jit(a, b, out_finite, exact=method == "exact",
+                                         eps=_eps(x, out_struct))
+    result = JacobianMoments(*moments, a, b, 0 if method == "exact" else num_probes,
+                             *sizes[:3], finite)
     if not bool(result.finite):
         raise_non_finite(structure.bind(consts), x)
     return result
