@@ -9,6 +9,27 @@ import shutil
 
 from experiments.registry import DEVIATION, ERROR, FAIL, NOT_IMPLEMENTED, PASS, overall
 
+# What a run of this size leaves out or replaces (kept beside the verdicts, not hidden).
+SCOPE = {
+    "small": (
+        "CPU sizes: fewer initializations, widths and depths than the papers (each check's "
+        "docstring and CSV give its sizes; `--size paper` runs the papers' sizes).",
+        "The papers' CIFAR-10 batches are replaced by Gaussian batches of the same shape "
+        "(G14, M3, M5): no dataset is downloaded.",
+        "G14 draws the `init_grad` panels (a)–(d) only; the leaky-slope panels (e)–(f) run "
+        "with `--size paper`. The GNE paper's `selu_grad` and `res_grad` gradient figures "
+        "are not implemented yet.",
+        "Meterez Fig. 3/5 (M3, M5) run to depth 200, not 1000.",
+        "Wall times were measured on a 2-core VM shared with other jobs (load average "
+        "10–20 during the run): they are pessimistic, several times an idle machine's.",
+    ),
+    "paper": (
+        "The papers' CIFAR-10 batches are replaced by Gaussian batches of the same shape "
+        "(G14, M3, M5).",
+        "The GNE paper's `selu_grad` and `res_grad` gradient figures are not implemented yet.",
+    ),
+}
+
 
 def _num(x) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -112,6 +133,7 @@ def write_report(path, rows, times, ids, *, size, out, total_s, seed, papers, de
         for cid in pids:
             for p in figs.get(cid, []):
                 lines += ["", f"**{cid}**: ![{cid}]({p})"]
+    lines += ["", "## Scope of this run", ""] + [f"- {g}" for g in SCOPE.get(size, ())]
     problems = [r for r in rows if r.verdict in (FAIL, DEVIATION, ERROR)]
     lines += ["", "## Failures and deviations", ""]
     if not problems:
