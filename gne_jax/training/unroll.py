@@ -81,9 +81,12 @@ def _unrolled_scan(args, *, reverse, length, jaxpr, num_consts, num_carry, **_):
     carry = list(args[num_consts:num_consts + num_carry])
     xs = args[num_consts + num_carry:]
     ys: list[list[Any]] = [None] * length  # type: ignore[list-item]
+    # One split per stacked input: its transpose (the gradient) is one concatenation,
+    # where indexing x[i] per block would transpose to `length` full-size scatters.
+    parts = [[jnp.squeeze(p, 0) for p in jnp.split(x, length)] if length else [] for x in xs]
     order = range(length - 1, -1, -1) if reverse else range(length)
     for i in order:
-        out = _eval_jaxpr(jaxpr.jaxpr, jaxpr.consts, *consts, *carry, *[x[i] for x in xs])
+        out = _eval_jaxpr(jaxpr.jaxpr, jaxpr.consts, *consts, *carry, *[p[i] for p in parts])
         carry, ys[i] = list(out[:num_carry]), out[num_carry:]
     num_ys = len(jaxpr.jaxpr.outvars) - num_carry
     if length == 0:
