@@ -173,6 +173,19 @@ def main():
                               args.batch)
             a, b = med.values()
             print(f"check cost: {1e3 * (a - b):+.1f} ms per step ({100 * (a / b - 1):+.1f}%)")
+            # The check alone (same reduction as inside the step), far below the noise above.
+            st = runs[f"{key} check_state=True"]["state"]
+            check = jax.jit(train._tree_finite)
+            tree = (st.params, st.batch_stats, st.opt_state)
+            jax.block_until_ready(check(tree))
+            alone = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                jax.block_until_ready(check(tree))
+                alone.append(time.perf_counter() - t0)
+            n = sum(x.size for x in jax.tree.leaves(tree))
+            print(f"the check alone: {1e3 * np.median(alone):.2f} ms over {n} values "
+                  f"({100 * np.median(alone) / b:.2f}% of the step)")
             continue
         runs = {} if args.no_scanned else {
             f"{key} scanned": make_step(name, kw, args.batch, args.image_size)}
