@@ -227,3 +227,14 @@ def test_command_line_names_the_bad_field(tmp_path):
                          timeout=300)
     assert bad.returncode != 0 and "is a file, not a directory" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_resume_into_a_different_model_fails_clearly_and_keeps_config_json(tmp_path):
+    train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path), model=TinyCNN())
+    with open(tmp_path / "config.json") as f:
+        before = f.read()
+    with pytest.raises(ValueError, match="does not fit the configured model.*new --workdir"):
+        train.train_and_evaluate(small_config(num_epochs=2), str(tmp_path),
+                                 model=TinyCNN(width=4))
+    with open(tmp_path / "config.json") as f:
+        assert f.read() == before

@@ -466,8 +466,11 @@ def read_config_json(workdir: str) -> tuple[dict, list[dict]]:
     return saved, history
 
 
-def _prepare_workdir(workdir: str, config) -> None:
+def _prepare_workdir(workdir: str, config) -> Callable[[], None]:
     """Refuses to mix two different runs in one workdir; records resumed changes.
+
+    Returns ``commit()``, which writes ``config.json``: called once the checkpoint (if
+    any) has been restored, so a failed resume leaves the earlier config in place.
 
     * The same config resumes from the latest checkpoint.
     * A larger ``num_epochs``/``num_train_steps`` extends the run from its checkpoint.
@@ -522,9 +525,13 @@ def _prepare_workdir(workdir: str, config) -> None:
                     shutil.rmtree(target)
                 elif os.path.exists(target):
                     os.remove(target)
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump({**current, _HISTORY_KEY: history}, f, indent=2, sort_keys=True)
+
+    def commit():
+        if jax.process_index() == 0:
+            with open(path, "w") as f:
+                json.dump({**current, _HISTORY_KEY: history}, f, indent=2, sort_keys=True)
+
+    return commit
 
 
 def _state_dict(state: TrainState) -> dict:
@@ -653,7 +660,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          f"({spe} steps per epoch); raise it")
     if model is None:
         model = create_model(config, spec.num_classes)
-    _prepare_workdir(workdir, config)
+    commit_config = _prepare_workdir(workdir, config)
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     data_sharding = NamedSharding(mesh, P("data"))
@@ -676,11 +683,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer = MetricsWriter(workdir, tensorboard=bool(config.tensorboard))
     start = 0
     if ckpt.latest_step() is not None:
-        restored, meta = ckpt.restore(_state_dict(state))
+        try:
+            restored, meta = ckpt.restore(_state_dict(state))
+        except Exception as err:  # noqa: BLE001  (Orbax raises many types on a mismatch)
+            writer.close()
+            ckpt.close()
+            raise ValueError(
+                f"the checkpoint in {ckpt.directory} does not fit the configured model and "
+                f"optimizer ({type(err).__name__}: {str(err)[:300]}); fields that change the "
+                "parameters' shapes cannot be resumed: use a new --workdir") from None
         state = jax.device_put(flax.serialization.from_state_dict(state, restored), replicated)
         start = int(meta["step"])
         writer.truncate(start)
         logging.info("Resumed from step %d in %s", start, ckpt.directory)
+    commit_config()
     grad_steps, grad_vals = load_grad_norms(workdir, start)
     history = writer.rows()
 
@@ -736,6 +752,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     if kind == 2 else "training loss and state")
             _flush_grads(plot=True)
             writer.close()
+            ckpt.close()
             if pbar is not None:
                 pbar.close()
             saved = (f"the last good checkpoint (step {last_saved}) in {ckpt.directory} is kept"
