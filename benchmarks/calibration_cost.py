@@ -64,6 +64,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("small", "paper"), default="small")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lsuv-only", action="store_true",
+                    help="time only LSUV, with and without its orthonormal pre-init")
     args = ap.parse_args()
     print(f"# jax {jax.__version__} on {jax.default_backend()}, {platform.processor() or '?'}, "
           f"{os.cpu_count()} CPUs, size {args.size}; run = median of {args.repeats} calls on "
@@ -72,6 +74,8 @@ def main():
           "| pairs / block | max iterations | LSUV first call | LSUV run "
           "| LSUV block forwards | CPU time calibrate / LSUV |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if args.lsuv_only:
+        return lsuv_parts(args)
     for label, cfg, shape in networks(args.size):
         model = gne_jax.create_model(cfg)
         x = jax.random.normal(jax.random.key(0), shape)
@@ -88,6 +92,27 @@ def main():
               f"{rw:.2f} / {rc:.2f} | {r.total_matvecs} | {r.total_matvecs / n:.0f} | "
               f"{int(r.iterations.max())} | {lw:.1f} / {lc:.1f} | {sw:.3f} / {sc:.3f} | "
               f"{int(np.sum(lr.forwards))} | {rc / sc:.0f} |", flush=True)
+
+
+def lsuv_parts(args):
+    """LSUV's two steps: the orthonormal pre-init (QR per kernel) and the rescaling loop."""
+    print("| network | LSUV run, with orthonormal pre-init | rescaling only "
+          "(orthonormal=False) |")
+    print("|---|---|---|")
+    for label, cfg, shape in networks(args.size):
+        model = gne_jax.create_model(cfg)
+        x = jax.random.normal(jax.random.key(0), shape)
+        v1 = model.init(jax.random.key(1), x)
+        v2 = model.init(jax.random.key(2), x)
+        res = []
+        for orth in (True, False):
+            timed(lambda o=orth: lsuv(model, v1, x, key=jax.random.key(3), tol=0.05,
+                                      orthonormal=o))
+            res.append(median_run(lambda o=orth: lsuv(model, v2, x, key=jax.random.key(4),
+                                                      tol=0.05, orthonormal=o), args.repeats))
+        (w1, c1), (w2, c2) = res
+        print(f"| {label} (depth {cfg['depth']}) | {w1:.3f} / {c1:.3f} | {w2:.3f} / {c2:.3f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
