@@ -198,7 +198,7 @@ def symmetry_stats(matvec_flat: Callable, key: Array, n: int, dtype) -> tuple[Ar
     """
     u = rademacher(key, (n,), dtype, salt=1)
     v = rademacher(key, (n,), dtype, salt=2)
-    au, av = matvec_flat(u), matvec_flat(v)
+    au, av = jax.vmap(matvec_flat)(jnp.stack([u, v]))  # one copy of the matvec in the program
     s, t = jnp.vdot(u, av), jnp.vdot(v, au)
     scale = 0.5 * (
         jnp.linalg.norm(u) * jnp.linalg.norm(av) + jnp.linalg.norm(v) * jnp.linalg.norm(au)
