@@ -179,7 +179,7 @@ def _setups(ctx: Context):
     ]
 
 
-@check("C1", paper=GNE, cost="~15 min (small)",
+@check("C1", paper=GNE, cost="20–40 min (small, 2-core CPU)",
        claim="calibrate: every block φ = 1 ± 5% on plain nets; trains vs default/LSUV/"
              "orthogonal+gain/DKS")
 def calibration(ctx: Context):
