@@ -9,6 +9,7 @@ the table gives the median step time, images/s and the compile time (first call)
   python benchmarks/train_step.py unroll --models serial8,resnet20,resnet56 --batch 32
   python benchmarks/train_step.py finite_check  # cost of the per-step state check
   python benchmarks/train_step.py norms         # ResNet-56 SMN vs BN vs none
+  python benchmarks/train_step.py norms --norm-model resnet50 --image-size 224  # on a GPU
 
 ``unroll`` compares four ways of running the models' scanned stages (``nn.scan``):
 ``scanned`` (the loop, XLA:CPU's slow path for weight-gradient convolutions inside loops),
@@ -139,6 +140,8 @@ def main():
                    help=f"comma-separated, of {sorted(MODELS)} (unroll, finite_check)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--depth", type=int, default=56, help="ResNet depth (norms)")
+    p.add_argument("--norm-model", default="resnet_cifar", choices=("resnet_cifar", "resnet50"),
+                   help="model family of the norms comparison (resnet50: use --image-size 224)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="timed steps per repetition")
     p.add_argument("--repeats", type=int, default=3)
@@ -152,8 +155,10 @@ def main():
     print(f"batch {args.batch}, {args.image_size}x{args.image_size}, {args.repeats} x "
           f"{args.steps} timed steps per variant (interleaved)")
     if args.mode == "norms":
-        runs = {norm: make_step("resnet_cifar", {"depth": args.depth, "normalization": norm},
-                                args.batch, args.image_size)
+        family = args.norm_model
+        kw = {"depth": args.depth} if family == "resnet_cifar" else {}
+        runs = {norm: make_step(family, {**kw, "normalization": norm}, args.batch,
+                                args.image_size)
                 for norm in ("batchnorm", "smn", "none")}
         med = print_table(runs, time_interleaved(runs, args.steps, args.repeats), args.batch)
         print(f"SMN / BN step time:   {med['smn'] / med['batchnorm']:.3f}")
