@@ -300,6 +300,7 @@ def _figure(setups, phis, curves):
         axes[0, c].set_xlabel("block")
         axes[1, c].set_xlabel("SGD step")
         axes[1, c].axhline(math.log(NUM_CLASSES), color="k", lw=0.5)
+        axes[1, c].set_ylim(0.0, 1.3 * math.log(NUM_CLASSES))  # a diverged run leaves the axes
     axes[0, 0].set_ylabel("φ of the block")
     axes[1, 0].set_ylabel("train loss (10-step mean)")
     axes[0, 0].legend(fontsize=7)
