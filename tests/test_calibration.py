@@ -181,3 +181,25 @@ def test_orthogonal_gain_recipe():
                         jax.random.key(0), 2.0**0.5)
     np.testing.assert_allclose(p["kernel"].T @ p["kernel"], 2.0 * np.eye(8), atol=1e-5)
     np.testing.assert_array_equal(p["bias"], 1.0)
+
+
+def test_batchnorm_needs_scale_knob_and_residual_branch_knob():
+    x = jax.random.normal(jax.random.key(0), (32, 16))
+    bn = gne_jax.create_model({"name": "mlp", "depth": 3, "width": 32, "activation": "relu",
+                               "normalization": "batchnorm"})
+    v = bn.init(jax.random.key(1), x)
+    # BN cancels a kernel scale: the kernel knob cannot move φ, and says so
+    with pytest.warns(RuntimeWarning, match="knob='scale'"):
+        calibrate(bn, v, x, key=jax.random.key(2), exclude=("input", "head"), max_iter=2)
+    with pytest.raises(ValueError, match="exclude"):  # the linear blocks have no γ
+        calibrate(bn, v, x, key=jax.random.key(2), knob="scale")
+    _, r = calibrate(bn, v, x, key=jax.random.key(2), knob="scale", exclude=("input", "head"))
+    assert r.converged.all() and r.scale[0] == 1.0 and r.scale[-1] == 1.0
+    assert np.all(np.abs(r.phi_after[1:-1] - 1) <= TOL)
+    # residual h + relu(W h): the kernel knob is the branch scale; φ = 1 + φ(branch) > 1
+    res = gne_jax.create_model({"name": "mlp", "depth": 3, "width": 32, "activation": "relu",
+                                "residual": "post"})
+    v = res.init(jax.random.key(1), x)
+    _, r = calibrate(res, v, x, key=jax.random.key(3), target=1.25, exclude=("input", "head"))
+    assert r.converged.all()
+    np.testing.assert_array_less(np.abs(r.phi_after[1:-1] - 1.25), 1.25 * TOL)

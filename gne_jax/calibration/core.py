@@ -157,7 +157,7 @@ def _solve_block(apply, knob, p, h, key, g0, active, target, opts):
         return (it + 1, g_new, n_next, prev_next, m_next, done, slope_next)
 
     it, g, _, _, m, done, slope = jax.lax.while_loop(cond, body, state0)
-    return g, m, it, _accept(m[0], m[1], target, opts.tol), slope
+    return g, m, it, _accept(m[0], m[1], target, opts.tol) | ~active, slope
 
 
 def _measure_blocks(fn_of_params, params, inputs, keys, opts):
@@ -496,11 +496,17 @@ def calibrate(
         block_params = [((n,), p) for n, p in zip(names, params, strict=True)]
     if not names:
         raise ValueError("`model` has no blocks to calibrate.")
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    unknown = [e for e in exclude if e not in names]
+    if unknown:
+        raise ValueError(f"`exclude` names unknown block(s) {unknown}; blocks: {list(names)}.")
     if select is not None:
-        empty = [ns[0] for ns, p in block_params if count_selected(p, select) == 0]
+        empty = [ns[0] for ns, p in block_params
+                 if any(nm not in exclude for nm in ns) and count_selected(p, select) == 0]
         if empty:
             raise ValueError(f"knob={knob_name!r} finds no parameters in block(s) {empty}; "
-                             f"choose another knob ('kernel', 'scale', 'all' or a callable).")
+                             f"choose another knob ('kernel', 'scale', 'all' or a callable) "
+                             f"or leave those blocks out with `exclude`.")
 
     n = len(names)
     theory_phi = None
@@ -518,10 +524,6 @@ def calibrate(
         if g0.shape != (n,) or not np.all(np.isfinite(g0)) or np.any(g0 <= 0):
             raise ValueError(f"`start` must be 'ones', 'theory' or {n} finite positive scales "
                              f"(one per block); got shape {g0.shape}.")
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    unknown = [e for e in exclude if e not in names]
-    if unknown:
-        raise ValueError(f"`exclude` names unknown block(s) {unknown}; blocks: {list(names)}.")
     active = np.array([nm not in exclude for nm in names])
     g0 = jnp.asarray(np.where(active, g0, 1.0).astype(np.float32))
     active = jnp.asarray(active)
@@ -539,7 +541,9 @@ def calibrate(
         bad = [nm for nm, ok in zip(names, report.converged, strict=True) if not ok]
         warnings.warn(f"calibrate: {len(bad)} block(s) did not reach φ = {target:g} within "
                       f"tol={tol:g} in max_iter={max_iter} measurements: {bad[:8]}"
-                      f"{' ...' if len(bad) > 8 else ''} (see report.converged).",
+                      f"{' ...' if len(bad) > 8 else ''} (see report.converged). If a "
+                      f"normalization layer follows the weights, the kernel scale has no effect "
+                      f"on φ: use knob='scale'.",
                       RuntimeWarning, stacklevel=2)
     return out, report
 

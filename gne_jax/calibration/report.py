@@ -25,7 +25,8 @@ class CalibrationReport(NamedTuple):
       iterations: φ measurements in the solve.
       matvecs: VJP+JVP pairs spent per block (before + solve + verification); a block
         measured exactly (small Jacobian) counts min(m, n)/2 pairs per measurement.
-      converged: whether |φ̂ − target| + 2·SE ≤ tol·target was met.
+      converged: whether |φ̂ − target| + 2·SE ≤ tol·target was met (True for excluded
+        blocks, which are not solved).
       last_slope: the last secant slope d ln φ / d ln g (2 for one homogeneous weight layer).
     """
 
