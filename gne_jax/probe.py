@@ -7,12 +7,13 @@ r"""Command line of the probe job (the logic lives in `gne_jax.probes.job`).
 
 from __future__ import annotations
 
-import os
+import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from gne_jax._cache import enable_compilation_cache
+from gne_jax._cli import unknown_override
 from gne_jax.probes.job import format_table, run_probe
 
 
@@ -28,14 +29,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     # The job is compile-bound (two XLA programs per variant): keep compiled programs on
     # disk so that re-running a config, or a sweep that shares variants, skips compiling.
-    cache = os.environ.get("GNE_JAX_CACHE_DIR", os.path.expanduser("~/.cache/gne_jax/xla"))
-    jax.config.update("jax_compilation_cache_dir", cache)
+    enable_compilation_cache()
     rows = run_probe(flags.FLAGS.config, flags.FLAGS.workdir)
     print(format_table(rows))
 
 
 def run():
     """Console-script entry point (``gne-probe``)."""
+    message = unknown_override(sys.argv)
+    if message is not None:
+        raise SystemExit(f"error: {message}")
     define_flags()
     app.run(main)
 

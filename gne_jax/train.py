@@ -15,9 +15,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from gne_jax._cache import enable_compilation_cache
+from gne_jax._cli import unknown_override
 from gne_jax.training import input_pipeline
 from gne_jax.training.checkpoint import NonFiniteError
-from gne_jax.training.cli import unknown_override
 from gne_jax.training.train import train_and_evaluate
 
 FLAGS = flags.FLAGS
