@@ -20,8 +20,8 @@ SCOPE = {
         "with `--size paper`. The GNE paper's `selu_grad` and `res_grad` gradient figures "
         "are not implemented yet.",
         "Meterez Fig. 3/5 (M3, M5) run to depth 200, not 1000.",
-        "Wall times were measured on a 2-core VM shared with other jobs (load average "
-        "10–20 during the run): they are pessimistic, several times an idle machine's.",
+        "Wall times were measured on a 2-core VM shared with other jobs (its load average "
+        "at the end of the run is in the header): they are pessimistic.",
     ),
     "paper": (
         "The papers' CIFAR-10 batches are replaced by Gaussian batches of the same shape "
@@ -97,8 +97,10 @@ def write_report(path, rows, times, ids, *, size, out, total_s, seed, papers, de
         f"- date: {now}",
         f"- machine: {machine()}",
         f"- size: `{size}`, seed {seed}",
+        "- load average at the end of the run (1, 5, 15 min): "
+        + ", ".join(f"{x:.1f}" for x in os.getloadavg()),
         f"- total wall time: {total_s:.0f} s ({total_s / 60:.1f} min)"
-        + (" on a shared, loaded 2-core VM: wall times are pessimistic" if size == "small"
+        + (" on a 2-core VM shared with other jobs (load average above)" if size == "small"
            else ""),
         f"- checks: {len(ids)}; " + ", ".join(f"{v}: {n}" for v, n in counts.items() if n),
         "",
