@@ -109,9 +109,9 @@ def ensemble_block_moments(
       train: measurement mode for batch-coupled layers (see ``block_moments``).
       init_chunk: inits drawn and probed at once per device (vmapped); the chunks run one
         after the other, so only one chunk's variables are held at a time. ``None``: all
-        at once. ``"auto"`` (default, ``default_init_chunk``): 1 on CPU, where vmapping the
-        inits was measured slower than a loop of single-init calls (and compiles conv
-        kernels several times slower), all at once on accelerators.
+        at once. ``"auto"`` (default, ``default_init_chunk``): on CPU chunks of 8 for small
+        models (≤ 2¹⁸ parameters, no conv) and 1 otherwise, as measured against a loop of
+        single-init calls; all at once on accelerators.
       mesh: ``"auto"`` shards over all devices when there is more than one; a ``Mesh``
         with an ``"inits"`` axis to choose; ``None`` for no sharding.
       compiler_options: XLA options of the two programs. ``"auto"``: LLVM ``-O1`` on CPU
@@ -129,17 +129,38 @@ def ensemble_block_moments(
     return run_plan(plan)
 
 
-def default_init_chunk(platform: str | None = None) -> int | None:
-    """The default ensemble strategy per backend: one init per call on CPU, all on GPU/TPU.
+SMALL_INIT_PARAMS = 2**18  # below: per-call overhead dominates on CPU, chunks of 8 pay off
 
-    On a 2-core CPU, vmapping the inits of an MLP (width 256, depth 32, 64 inits) took
-    1.38× the time of a Python loop of jitted single-init calls, chunks of 8 1.13×, chunks
-    of 1 1.06× (``benchmarks/ensemble_cost.py``, ``benchmarks/RESULTS.md``): there is little
-    parallel hardware for a vmap to fill, and the batched working set spills the caches.
-    Accelerators are filled by the batch instead.
+
+def default_init_chunk(platform: str | None = None, num_params: int | None = None,
+                       conv: bool = False) -> int | None:
+    """The default ensemble strategy per backend, chosen from ``benchmarks/ensemble_cost.py``.
+
+    * GPU/TPU: all inits at once (``None``): the batch fills the accelerator.
+    * CPU, small models (at most ``SMALL_INIT_PARAMS`` parameters per init, no conv
+      kernels): chunks of 8 vmapped inits. On a 2-core CPU, MLP width 64 depth 32 (131k
+      parameters, 32 inits), chunks of 8 took 0.59–0.69× the time of a Python loop of
+      jitted single-init calls: per-call overhead dominates and the batch amortizes it.
+    * CPU, larger models or conv nets: one init per call (``1``). MLP width 256 (depth 16
+      and 32), all inits vmapped took 1.38–1.49× the loop (the batched working set spills
+      the caches, and two cores leave little for a vmap to fill); one init per call is the
+      loop itself. vmapped conv kernels also become grouped convolutions that XLA:CPU
+      compiles several times slower.
     """
     platform = platform or jax.default_backend()
-    return 1 if platform == "cpu" else None
+    if platform != "cpu":
+        return None
+    if num_params is not None and num_params <= SMALL_INIT_PARAMS and not conv:
+        return 8
+    return 1
+
+
+def _init_size(model, x, key) -> tuple[int, bool]:
+    """(parameters per init, whether any kernel is a conv kernel) from an abstract init."""
+    shapes = jax.eval_shape(lambda k: model.init(k, x, train=False), key)
+    params = shapes.get("params", shapes) if hasattr(shapes, "get") else shapes
+    leaves = jax.tree.leaves(params)
+    return sum(math.prod(a.shape) for a in leaves), any(a.ndim >= 4 for a in leaves)
 
 
 def plan_ensemble(model, x, *, key, num_inits, train=False, init_chunk="auto", mesh="auto",
@@ -159,7 +180,8 @@ def plan_ensemble(model, x, *, key, num_inits, train=False, init_chunk="auto", m
         mesh = inits_mesh() if jax.device_count() > 1 else None
     if init_chunk == "auto":
         platform = (jax.devices() if mesh is None else mesh.devices.flat)[0].platform
-        init_chunk = default_init_chunk(platform)
+        size = _init_size(model, x, key) if platform == "cpu" else (None, False)
+        init_chunk = default_init_chunk(platform, *size)
     if init_chunk is not None:
         check_positive_int(init_chunk, "init_chunk")
     if mesh is not None and "inits" not in mesh.axis_names:
