@@ -36,6 +36,7 @@ CHECK_MODULES = (
     "experiments.checks.bn_isometry",
     "experiments.checks.log_norms",
     "experiments.checks.sample_variance",
+    "experiments.checks.calibration",
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ids", nargs="*", help="check ids (e.g. G13 T2 M4)")
     p.add_argument("--list", action="store_true", help="list every check and exit")
-    p.add_argument("--all", action="store_true", help="run every check")
+    p.add_argument("--all", action="store_true",
+                   help="run every check of the papers (extra studies such as C1 run by id)")
     p.add_argument("--size", choices=("small", "paper"), default="small")
     p.add_argument("--out", default=None, help="output folder (default runs/experiments-SIZE)")
     p.add_argument("--report", default=None,
@@ -125,8 +127,8 @@ def main(argv=None) -> int:
             paper, claim, cost = describe(cid)
             print(f"{cid:<{w}}  {paper:<28}  {claim}  [{cost}]")
         return 0
-    if args.all:
-        chosen = ids
+    if args.all:  # the papers' checks; extra studies (C1, 20-40 min) run by id
+        chosen = list(MASTER)
     else:
         if not args.ids:
             p.error("give check ids, --all or --list")
