@@ -24,7 +24,7 @@ from timing import elapsed
 
 from gne_jax.models import create_model
 from gne_jax.probes.block_moments import block_moments, probe_compiler_options
-from gne_jax.probes.ensemble import default_init_chunk, ensemble_block_moments
+from gne_jax.probes.ensemble import _init_size, default_init_chunk, ensemble_block_moments
 
 
 def main():
@@ -77,7 +77,8 @@ def main():
     print(f"time per init, vmapped / loop: {t_ens / t_loop:.3f}")
     jax.block_until_ready(ensemble("auto"))
     t_d = np.median([elapsed(lambda: ensemble("auto")) for _ in range(a.repeats)])
-    print(f"default (init_chunk='auto' = {default_init_chunk()}): {t_d / a.inits * 1e3:.2f} "
+    auto = default_init_chunk(jax.default_backend(), *_init_size(model, x, key))
+    print(f"default (init_chunk='auto' = {auto}): {t_d / a.inits * 1e3:.2f} "
           f"ms/init, / loop: {t_d / t_loop:.3f}")
     for c in a.init_chunks:
         jax.block_until_ready(ensemble(c))
