@@ -244,3 +244,42 @@ def test_eager_second_call_with_new_arrays_compiles_nothing(name):
     with count_compilations() as events:
         jax.block_until_ready(call(2))
     assert not events, f"{name}: {len(events)} compilations on a call with new arrays"
+
+
+def test_training_moments_hook_compiles_once_per_run():
+    """The training loop's moments hook at new weights (custom model without blocks, and a
+    library model with blocks) reuses the program compiled at its first call."""
+    import flax.linen as nn
+    import ml_collections
+
+    from gne_jax.models import create_model
+    from gne_jax.training.train import _moments_hook
+
+    class Linear(nn.Module):  # a custom model: the loop calls every model with `train`
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(5)(x)
+
+    config = ml_collections.ConfigDict(
+        {"moments_every_steps": 1, "moments_batch": 4, "moments_num_probes": 4})
+    x = jax.random.normal(jax.random.key(0), (4, 6))
+    models = [Linear(), create_model({"name": "mlp", "depth": 3, "width": 8,
+                                          "num_classes": 5})]
+    for model in models:
+        hook = _moments_hook(config, model, x)
+        state = type("State", (), {})()
+        out = []
+        for i in range(3):
+            variables = model.init(jax.random.key(10 + i), x)
+            state.params, state.batch_stats = variables["params"], variables.get("batch_stats", {})
+            if i == 1:
+                with count_compilations() as events:
+                    out.append(hook(state, jax.random.key(i)))
+                assert events == [], type(model).__name__
+            else:
+                out.append(hook(state, jax.random.key(i)))
+        assert all(np.isfinite(o["phi"]) for o in out)
+        exact = np.linalg.norm(np.asarray(variables["params"]["Dense_0"]["kernel"]))**2 / 5 if (
+            isinstance(model, Linear)) else None
+        if exact is not None:  # a linear map on a batch of 4: φ = 4‖W‖²_F / (4·5)
+            assert abs(out[-1]["phi"] - exact) <= 4 * out[-1]["phi_sem"] + 1e-6

@@ -550,19 +550,21 @@ def _moments_hook(config, model, images):
     """
     if config.moments_every_steps <= 0:
         return None
+    from gne_jax.probes.block_moments import block_moments  # noqa: PLC0415
+    from gne_jax.probes.moments import jacobian_moments  # noqa: PLC0415
+
     x = images[: int(config.moments_batch)]
     num_probes = int(config.moments_num_probes)
-    try:
-        from gne_jax.probes.block_moments import block_moments  # noqa: PLC0415
-    except ImportError:  # per-block probes not available: end to end only
-        block_moments = None
+    # Weights are passed as data (``params=``, or the variables of ``block_moments``): every
+    # call at new weights reuses the one program compiled at the first call of the run.
+    apply_eval = functools.partial(model.apply, train=False)
 
     def to_list(a):
         return [float(v) for v in np.asarray(a)]
 
     def hook(state, key):
         variables = _variables(state.params, state.batch_stats)
-        if block_moments is not None and hasattr(model, "blocks"):
+        if hasattr(model, "blocks"):
             bm = block_moments(model, variables, x, key=key, train=False, num_probes=num_probes)
             e2e = bm.end_to_end
             return {"phi": float(e2e.phi), "phi_sem": float(e2e.phi_sem),
@@ -570,10 +572,7 @@ def _moments_hook(config, model, images):
                     "block_names": list(bm.names), "block_phi": to_list(bm.blocks.phi),
                     "block_phi2": to_list(bm.blocks.phi2),
                     "block_varphi": to_list(bm.blocks.varphi)}
-        from gne_jax.probes.moments import jacobian_moments  # noqa: PLC0415
-
-        fn = lambda h: model.apply(variables, h, train=False)
-        m = jacobian_moments(fn, x, key=key, num_probes=num_probes)
+        m = jacobian_moments(apply_eval, x, params=variables, key=key, num_probes=num_probes)
         return {"phi": float(m.phi), "phi_sem": float(m.phi_sem), "phi2": float(m.phi2),
                 "varphi": float(m.varphi)}
 
