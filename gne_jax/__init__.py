@@ -30,6 +30,15 @@ from gne_jax.probes.ensemble import (
     run_plan,
 )
 from gne_jax.probes.sweep import compile_plans, result_rows, run_sweep
+from gne_jax.probes.log_norms import LogNorms, log_norms
+from gne_jax.probes.forward_stats import (
+    ForwardStats,
+    forward_stats,
+    groups_forward_stats,
+    scan_group,
+    second_moment,
+    within_sample_fraction,
+)
 
 # --- linear algebra and curvature ---------------------------------------------
 from gne_jax.linalg.lanczos import EigenResult, LanczosResult, eigh_extreme, lanczos_tridiag
@@ -83,6 +92,15 @@ from gne_jax.models import MODEL_NAMES, create_model, default_config
 # --- theory (numpy/jax only; models and plots load lazily) ---------------------
 from gne_jax import theory
 
+# --- calibration to Block Dynamical Isometry, and its baselines -----------------
+from gne_jax.calibration import (
+    CalibrationReport,
+    calibrate,
+    lsuv,
+    orthogonal_gain_config,
+    plot_calibration,
+)
+
 __all__ = [
     # probes
     "JacobianOperators", "jacobian_operators",
@@ -92,6 +110,9 @@ __all__ = [
     "BlockMoments", "block_moments", "chain_blocks", "groups_moments",
     "EnsemblePlan", "ensemble_block_moments", "ensemble_summary", "plan_ensemble", "run_plan",
     "compile_plans", "result_rows", "run_sweep",
+    "LogNorms", "log_norms",
+    "ForwardStats", "forward_stats", "groups_forward_stats", "scan_group", "second_moment",
+    "within_sample_fraction",
     # linear algebra and curvature
     "EigenResult", "LanczosResult", "eigh_extreme", "lanczos_tridiag",
     "SpectralDensity", "jacobian_spectral_density", "smooth_density", "spectral_density",
@@ -106,4 +127,6 @@ __all__ = [
     "MODEL_NAMES", "create_model", "default_config",
     # theory
     "theory",
+    # calibration
+    "CalibrationReport", "calibrate", "lsuv", "orthogonal_gain_config", "plot_calibration",
 ]
