@@ -117,3 +117,17 @@ def test_command_line(tmp_path):
          "--workdir", str(tmp_path / "x"), "--config.nonexistent=1"],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert bad.returncode != 0 and "nonexistent" in bad.stderr
+
+
+def test_bdi_verdict_judges_body_blocks_from_the_input_side():
+    from gne_jax.probes.job import bdi_verdict
+
+    def row(i, name, phi, varphi=0.1):
+        return {"index": i, "block": name, "phi_median": phi, "varphi_mean": varphi}
+
+    ok = [row(0, "stem", 0.3), row(1, "b1", 1.1), row(2, "b2", 0.9), row(3, "head", 0.01)]
+    assert bdi_verdict(ok) == "holds"  # stem/head change the width: not judged
+    bad = [row(0, "stem", 1.0), row(1, "b1", 1.0), row(2, "b2", 2.0), row(3, "b3", 0.1)]
+    assert bdi_verdict(bad) == "breaks at b2 (phi 2)"
+    spread = [row(1, "b1", 1.0, varphi=3.0), row(2, "b2", 5.0)]
+    assert bdi_verdict(spread) == "breaks at b1 (varphi 3)"

@@ -137,22 +137,49 @@ def write_results(out: Path, config, rows: list[dict]) -> None:
         json.dump({"config": config.to_dict(), "rows": rows}, f, indent=1, default=str)
 
 
+# Block Dynamical Isometry, as the table judges it: every body block's median φ within this
+# band and its mean spread ϕ at most BDI_MAX_VARPHI (derivations §2).
+BDI_PHI_BAND = (0.8, 1.25)
+BDI_MAX_VARPHI = 0.5
+# The stem and the head change the number of channels/units (and the head pools), so their φ
+# is not expected to be 1: the verdict judges the blocks between them.
+EDGE_BLOCKS = ("stem", "input", "head")
+
+
+def bdi_verdict(blocks: list[dict]) -> str:
+    """'holds', or the first body block (input side) whose φ or ϕ breaks the isometry."""
+    body = [r for r in blocks if r["block"] not in EDGE_BLOCKS] or blocks
+    lo, hi = BDI_PHI_BAND
+    for r in sorted(body, key=lambda r: r["index"]):
+        if not lo <= r["phi_median"] <= hi:
+            return f"breaks at {r['block']} (phi {r['phi_median']:.3g})"
+        if r["varphi_mean"] > BDI_MAX_VARPHI:
+            return f"breaks at {r['block']} (varphi {r['varphi_mean']:.3g})"
+    return "holds"
+
+
 def format_table(rows: list[dict]) -> str:
-    """One line per variant: end-to-end φ and ϕ, and the block farthest from φ = 1."""
+    """One line per variant: end-to-end φ and ϕ, the block farthest from φ = 1, and whether
+    Block Dynamical Isometry holds (judged on the body blocks), with a legend."""
     lines = [f"{'variant':<44} {'e2e phi (median)':>16} {'e2e varphi':>11} "
-             f"{'worst block':>16} {'its phi':>9} {'mean block varphi':>17}"]
+             f"{'worst block':>16} {'its phi':>9} {'mean block varphi':>17}  BDI"]
     for v in dict.fromkeys(r["variant"] for r in rows):
         rs = [r for r in rows if r["variant"] == v]
         blocks = [r for r in rs if r["kind"] == "block"]
         e2e = next((r for r in rs if r["kind"] == "end_to_end"), None)
-        # the head (global pooling + readout) has φ ≪ 1 by construction: judge the others
-        body = [r for r in blocks if r["block"] != "head"] or blocks
+        body = [r for r in blocks if r["block"] not in EDGE_BLOCKS] or blocks
         worst = max(body, key=lambda r: abs(np.log(max(r["phi_median"], 1e-30))))
         lines.append(
             f"{v:<44} {e2e['phi_median'] if e2e else float('nan'):>16.4g} "
             f"{e2e['varphi_pooled'] if e2e else float('nan'):>11.4g} "
             f"{worst['block']:>16} {worst['phi_median']:>9.4g} "
-            f"{np.mean([r['varphi_mean'] for r in blocks]):>17.4g}")
+            f"{np.mean([r['varphi_mean'] for r in body]):>17.4g}  {bdi_verdict(blocks)}")
+    lo, hi = BDI_PHI_BAND
+    lines.append(
+        f"\nphi: mean squared singular value of a block's Jacobian (1 = passes gradient norms "
+        f"unchanged); varphi: their spread. BDI holds when every body block has phi in "
+        f"[{lo}, {hi}] and varphi <= {BDI_MAX_VARPHI}; the stem and head change the number "
+        f"of channels and are not judged (their phi scales with the width ratio).")
     return "\n".join(lines)
 
 
