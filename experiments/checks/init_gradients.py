@@ -1,6 +1,8 @@
-"""GNE paper, gradient norm equality at initialization: the ``init_grad`` figure.
+"""GNE paper, gradient norm equality at initialization: the ``init_grad``, ``selu_grad`` and
+``res_grad`` figures.
 
-Per-layer squared weight-gradient norms ‖∇_{W_l}L‖²_F of the 32-layer plain CNN, one VJP per
+Per-layer squared weight-gradient norms ‖∇_{W_l}L‖²_F of the 32-layer plain CNN (and of
+ResNet-56 for ``res_grad``), one VJP per
 batch, over many initializations (``lax.map`` inside one compiled program per activation:
 the initializers only change the weights, which are arguments of the gradient program), with
 the 15/50/85 percentiles per layer as in the paper's plotting scripts.
@@ -26,33 +28,54 @@ ACTS = {"tanh": ("tanh", {}), "ReLU": ("relu", {}),
         "sPReLU": ("sprelu", {}),
         "leaky ReLU 0.3": ("leaky_relu", {"negative_slope": 0.3}),
         "leaky ReLU 0.5": ("leaky_relu", {"negative_slope": 0.5})}
-LAYER_ORDER = ("stem", "stage1", "stage2_down", "stage2", "stage3_down", "stage3", "head")
+# Weight layers, input to output: (module, kernels within it); a scanned group's kernels carry a
+# leading block axis and are interleaved block by block (conv1, conv2 of block 1, then block 2...).
+SERIAL_LAYERS = (("stem", ("conv",)), ("stage1", ("conv",)), ("stage2_down", ("conv",)),
+                 ("stage2", ("conv",)), ("stage3_down", ("conv",)), ("stage3", ("conv",)),
+                 ("head", ("dense",)))
+RESNET_LAYERS = (("stem", ("conv",)),
+                 *((f"stage{s}{b}", ("conv1", "conv2")) for s in (1, 2, 3)
+                   for b in ("_block1", "")),
+                 ("head", ("dense",)))
+SELU_VARIANTS = (("SELU (standard)", {"activation": "selu"}),
+                 ("depth-aware SELU, ε = 0.03", {"activation": "selu_depth_aware",
+                                                 "selu_epsilon": 0.03}),
+                 ("depth-aware SELU, ε = 0.07", {"activation": "selu_depth_aware",
+                                                 "selu_epsilon": 0.07}))
+RES_VARIANTS = (("BN", {"normalization": "batchnorm"}), ("SMN", {"normalization": "smn"}),
+                ("Fixup (p = 2, scalars)", {"normalization": "none", "fixup_p": 2.0,
+                                            "fixup_scalars": True}))
+Y_LABEL = "squared gradient norm of the layer's weights\n(median, 15–85% band)"
+X_LABEL = "layer (input to output)"
 
 
-def _layer_norms(grads):
-    """‖∇W‖² of every weight matrix (conv or dense kernel), input layer first."""
+def _layer_norms(grads, layers=SERIAL_LAYERS):
+    """‖∇W‖²_F of every weight kernel (conv or dense), input layer first."""
     out = []
-    for name in LAYER_ORDER:
-        kern = grads[name]["conv" if name != "head" else "dense"]["kernel"]
-        sq = jnp.square(kern)
-        out.append(sq.reshape(sq.shape[0], -1).sum(1) if sq.ndim == 5 else sq.sum()[None])
+    for name, kernels in layers:
+        per = [jnp.square(grads[name][k]["kernel"]) for k in kernels]
+        if per[0].ndim == 5:  # scanned group: [blocks, kh, kw, cin, cout]
+            out.append(jnp.stack([g.reshape(g.shape[0], -1).sum(1) for g in per], 1).reshape(-1))
+        else:
+            out.append(jnp.stack([g.sum() for g in per]))
     return jnp.concatenate(out)
 
 
-def _init_grad(act, act_kw, inits, n_inits, batch, hw, seed, salt):
-    """{init label: [n_inits, 32]} squared gradient norms per layer."""
+def _init_grad(base, inits, n_inits, batch, hw, seed, salt, layers=SERIAL_LAYERS):
+    """{init label: [n_inits, n_layers]} squared gradient norms per layer of the model ``base``
+    (a config without ``init``), in training mode (batch statistics), one VJP per batch."""
     kx, ky = jax.random.split(jax.random.fold_in(jax.random.key(seed), salt))
     x = jax.random.normal(kx, (batch, hw, hw, 3))
     y = jax.random.randint(ky, (batch,), 0, 10)
-    base = {"name": "serial_cnn", "depth": 32, "activation": act, **act_kw}
     apply_model = gne_jax.create_model({**base, "init": "kaiming_normal"})
 
     def norms(v):
         def loss(params):
-            logits = apply_model.apply({**v, "params": params}, x)
+            logits, _ = apply_model.apply({**v, "params": params}, x, train=True,
+                                          mutable=["batch_stats"])
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
-        return _layer_norms(jax.grad(loss)(v["params"]))
+        return _layer_norms(jax.grad(loss)(v["params"]), layers)
 
     opts = probe_compiler_options()  # LLVM -O1 on CPU: conv programs compile faster
     grad_program = jax.jit(lambda vs: jax.lax.map(norms, vs), compiler_options=opts)
@@ -63,6 +86,74 @@ def _init_grad(act, act_kw, inits, n_inits, batch, hw, seed, salt):
                      compiler_options=opts)(keys(seed, n_inits, salt * 10 + ii))
         out[label] = np.asarray(grad_program(vs), np.float64)
     return out
+
+
+def _band(ax, curves, title):
+    """One panel: median and 15–85% band per layer of each ``(label, [n_inits, layers])``."""
+    for ci, (lab, g) in enumerate(curves):
+        layers = np.arange(1, g.shape[1] + 1)
+        q15, q50, q85 = np.quantile(g, (0.15, 0.5, 0.85), axis=0)
+        ax.plot(layers, q50, c=f"C{ci}", label=lab)
+        ax.fill_between(layers, q15, q85, color=f"C{ci}", alpha=0.2)
+    ax.set_yscale("log")
+    ax.set_xlabel(X_LABEL)
+    ax.set_ylabel(Y_LABEL)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _quantile_records(figure_name, data, n_inits, batch, hw):
+    """CSV records: per variant, init and layer, the mean ± SE of ln‖∇W‖² and the percentiles."""
+    recs = []
+    for (variant, init), g in data.items():
+        lg = np.log(g)
+        for li in range(g.shape[1]):
+            q15, q50, q85 = np.quantile(g[:, li], (0.15, 0.5, 0.85))
+            m, se = mean_se(lg[:, li])
+            recs.append(record("ln_grad_sq_norm", m, se, math.nan, figure=figure_name,
+                               variant=variant, init=init, layer=li + 1, q15=q15, q50=q50,
+                               q85=q85, n_inits=n_inits, num_probes=0, batch=batch, hw=hw))
+    return recs
+
+
+def _selu_grad(ctx: Context):
+    """GNE paper, ``selu_grad`` figure: the 32-layer plain CNN with the standard SELU (gain 1)
+    vs the depth-aware SELU of derivations §11 (ε = 0.03 and 0.07, γ₀ = 1, fixpoint q = 1),
+    (a) Kaiming and (b) orthogonal init. Writes ``G14_selu_grad.png`` / ``.csv``."""
+    n_inits = ctx.pick(6, 64)
+    batch, hw = ctx.pick((8, 8), (128, 32))
+    inits = INITS[:2]
+    data = {}
+    for vi, (label, over) in enumerate(SELU_VARIANTS):
+        base = {"name": "serial_cnn", "depth": 32, **over}
+        for init_label, g in _init_grad(base, inits, n_inits, batch, hw, ctx.seed,
+                                        170 + vi).items():
+            data[label, init_label] = g
+    ctx.write_csv(_quantile_records("selu_grad", data, n_inits, batch, hw), "_selu_grad.csv")
+    fig, ax = figure(ncols=2, size=(4.6, 3.5))
+    for a, (panel, (_, init_label)) in zip(ax.flat, zip("ab", inits, strict=True), strict=True):
+        _band(a, [(v, data[v, init_label]) for v, _ in SELU_VARIANTS],
+              f"({panel}) 32-layer CNN, SELU, {init_label} init")
+    ctx.save_figure(fig, "_selu_grad.png")
+
+
+def _res_grad(ctx: Context):
+    """GNE paper, ``res_grad`` figure: ResNet-56 (CIFAR, Kaiming init) with batch norm, second
+    moment normalization (SMN, centred convs) and the Fixup re-derivation (no normalization,
+    both branch convs scaled by L^(−p/4) with p = 2, Fixup's scalar biases and multiplier;
+    derivations §13). Writes ``G14_res_grad.png`` / ``.csv``."""
+    n_inits = ctx.pick(6, 32)
+    batch, hw = ctx.pick((8, 8), (128, 32))
+    data = {}
+    for vi, (label, over) in enumerate(RES_VARIANTS):
+        base = {"name": "resnet_cifar", "depth": 56, **over}
+        data[label, "KM"] = _init_grad(base, INITS[:1], n_inits, batch, hw, ctx.seed, 180 + vi,
+                                       RESNET_LAYERS)["KM"]
+    ctx.write_csv(_quantile_records("res_grad", data, n_inits, batch, hw), "_res_grad.csv")
+    fig, ax = figure(size=(6.0, 3.8))
+    _band(ax[0, 0], [(v, data[v, "KM"]) for v, _ in RES_VARIANTS],
+          f"ResNet-56, Kaiming init ({n_inits} inits, batch {batch}, {hw}×{hw})")
+    ctx.save_figure(fig, "_res_grad.png")
 
 
 @check("G14", paper=GNE, claim="gradient norm equality at init: flat per-layer ‖∇W L‖² "
@@ -78,7 +169,12 @@ def init_grad(ctx: Context):
     batch 8, 8 inits, panels (a)–(d) only; paper 128×32×32, 64 inits, all panels).
     Tolerance: slope of ln‖∇W_l‖² vs layer over the conv layers, |slope| ≤ 0.02 + 3 SE for
     the ReLU family (less than ×1.8 over 30 layers), slope > 0.02 for tanh; the orthogonal
-    kernels' spread ln(q85/q15) below Kaiming's."""
+    kernels' spread ln(q85/q15) below Kaiming's.
+
+    Figure-only outputs (no verdict rows), the same percentiles: ``G14_selu_grad.png`` (the
+    paper's ``selu_grad``: standard SELU vs depth-aware SELU, derivations §11) and
+    ``G14_res_grad.png`` (``res_grad``: ResNet-56 with BN / SMN / Fixup), each with its CSV;
+    small: 6 inits, batch 8, 8×8 images (paper: 64 / 32 inits, 128×32×32)."""
     n_inits = ctx.pick(8, 64)
     batch, hw = ctx.pick((8, 16), (128, 32))
     acts = ctx.pick(list(ACTS)[:4], list(ACTS))  # small: panels (a)–(d) only
@@ -86,7 +182,8 @@ def init_grad(ctx: Context):
     for ai, act_label in enumerate(ctx.progress(acts, desc="activations")):
         act, kw = ACTS[act_label]
         inits = INITS if ai < 4 else INITS[1:]
-        data[act_label] = _init_grad(act, kw, inits, n_inits, batch, hw, ctx.seed, 140 + ai)
+        base = {"name": "serial_cnn", "depth": 32, "activation": act, **kw}
+        data[act_label] = _init_grad(base, inits, n_inits, batch, hw, ctx.seed, 140 + ai)
     recs, rows = [], []
     layers = np.arange(1, 33)
     body = slice(1, 31)  # conv layers after the stem, before the head
@@ -142,14 +239,8 @@ def init_grad(ctx: Context):
         curves = ([(lab, data[act_label][lab][0]) for lab in what] if act_label else
                   [(f"slope {s}", data[f"leaky ReLU {s}"][what][0]) for s in
                    ("0.18", "0.3", "0.5")])
-        for ci, (lab, g) in enumerate(curves):
-            q15, q50, q85 = np.quantile(g, (0.15, 0.5, 0.85), axis=0)
-            a.plot(layers, q50, c=f"C{ci}", label=lab)
-            a.fill_between(layers, q15, q85, color=f"C{ci}", alpha=0.2)
-        a.set_yscale("log")
-        a.set_xlabel("layer (input → output)")
-        a.set_ylabel("‖∇W L‖² (median, 15–85%)")
-        a.set_title(title, fontsize=9)
-        a.legend(fontsize=7)
+        _band(a, curves, title)
     ctx.save_figure(fig)
+    _selu_grad(ctx)  # figure-only outputs: the paper's selu_grad and res_grad figures
+    _res_grad(ctx)
     return rows
