@@ -8,6 +8,7 @@ import contextlib
 import functools
 import gc
 import resource
+import types
 import weakref
 
 import jax
@@ -267,7 +268,7 @@ def test_training_moments_hook_compiles_once_per_run():
                                           "num_classes": 5})]
     for model in models:
         hook = _moments_hook(config, model, x)
-        state = type("State", (), {})()
+        state = types.SimpleNamespace()
         out = []
         for i in range(3):
             variables = model.init(jax.random.key(10 + i), x)

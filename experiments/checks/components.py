@@ -225,6 +225,15 @@ def activations(ctx: Context):
     return rows
 
 
+def _exact_vs_predicted(cid, fn, x, pred, M, recs, rows):
+    """Appends the exact φ, ϕ of ``fn`` at ``x`` beside ``pred`` (records and rows, rel 1e-6)."""
+    ex = gne_jax.jacobian_moments(fn, x, method="exact")
+    for name, sym, got, want in (("phi", "φ", ex.phi, pred.phi),
+                                 ("varphi", "ϕ", ex.varphi, pred.varphi)):
+        recs.append(record(f"{name}_exact", got, 0.0, want, M=M, n_inits=1, num_probes=0))
+        rows.append(judge(cid, GNE, f"{sym}, M={M}", f(want), f(got), rel_tol=1e-6))
+
+
 def _batch_layer(layer, x, **apply_kw):
     v = layer.init(jax.random.key(0), x, use_running_average=False)
 
@@ -251,14 +260,8 @@ def batchnorm(ctx: Context):
             x = x - x.mean()  # centred: σ_B² = q = mean(x²)
             fn = _batch_layer(nn.BatchNorm(epsilon=1e-9, dtype=jnp.float64,
                                            param_dtype=jnp.float64), x)
-            ex = gne_jax.jacobian_moments(fn, x, method="exact")
             pred = C.batchnorm_train(M, eps=1e-9).moments(float(jnp.mean(x**2)))
-            recs += [record("phi_exact", ex.phi, 0.0, pred.phi, M=M, n_inits=1, num_probes=0),
-                     record("varphi_exact", ex.varphi, 0.0, pred.varphi, M=M, n_inits=1,
-                            num_probes=0)]
-            rows.append(judge("G6", GNE, f"φ, M={M}", f(pred.phi), f(ex.phi), rel_tol=1e-6))
-            rows.append(judge("G6", GNE, f"ϕ, M={M}", f(pred.varphi), f(ex.varphi),
-                              rel_tol=1e-6))
+            _exact_vs_predicted("G6", fn, x, pred, M, recs, rows)
     ctx.write_csv(recs)
     return rows
 
@@ -276,15 +279,8 @@ def smn(ctx: Context):
             x = 1.5 + jax.random.normal(jax.random.fold_in(jax.random.key(ctx.seed), M), (M, 1),
                                         jnp.float64)
             fn = _batch_layer(gne_jax.SecondMomentNorm(epsilon=0.0, param_dtype=jnp.float64), x)
-            ex = gne_jax.jacobian_moments(fn, x, method="exact")
-            q = float(jnp.mean(x**2))
-            pred = C.smn_train(M).moments(q)
-            recs += [record("phi_exact", ex.phi, 0.0, pred.phi, M=M, n_inits=1, num_probes=0),
-                     record("varphi_exact", ex.varphi, 0.0, pred.varphi, M=M, n_inits=1,
-                            num_probes=0)]
-            rows.append(judge("G7", GNE, f"φ, M={M}", f(pred.phi), f(ex.phi), rel_tol=1e-6))
-            rows.append(judge("G7", GNE, f"ϕ, M={M}", f(pred.varphi), f(ex.varphi),
-                              rel_tol=1e-6))
+            pred = C.smn_train(M).moments(float(jnp.mean(x**2)))
+            _exact_vs_predicted("G7", fn, x, pred, M, recs, rows)
     ctx.write_csv(recs)
     return rows
 

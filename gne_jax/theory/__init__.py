@@ -40,11 +40,11 @@ from gne_jax.theory.compose import (  # noqa: F401
 )
 
 
-def selu_coefficients(epsilon, gamma0=1.0, q=1.0, **kwargs):
+def selu_coefficients(epsilon, gamma0=1.0, q=1.0, *, tol=1e-10):
     """(λ, α) of the depth-aware SELU (derivations §11), solved by `gne_jax.nn.activations`."""
     from gne_jax.nn.activations import selu_coefficients as _solve  # lazy: pulls in flax
 
-    return _solve(epsilon, gamma0, q, **kwargs)
+    return _solve(epsilon, gamma0, q, tol=tol)
 
 
 def depth_aware_selu(epsilon, gamma0=1.0, q=1.0):
