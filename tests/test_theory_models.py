@@ -149,3 +149,21 @@ def test_meterez_normalization_is_refused_rather_than_mispredicted():
     with pytest.raises(ValueError, match="meterez"):
         predict_model({"name": "mlp", "width": 16, "depth": 3, "normalization": "meterez"},
                       (8, 16))
+
+
+def test_delta_orthogonal_relu_serial_cnn_against_ensemble():
+    """Delta-orthogonal kernels keep the full forward map: the output channel means are
+    random with zero average (as for `orthogonal`), so every ReLU after the first sees a
+    centred input, p = ½ and a block with gain √2 has φ = 1 (the centre-tap kernel has no
+    border taps, so the measurement carries no padding effect)."""
+    cfg = dict(name="serial_cnn", depth=8, widths=(8, 16, 16), init="delta_orthogonal",
+               activation="relu")
+    shape = (4, 8, 8, 3)
+    pred = predict_model(cfg, shape)
+    body = [i for i, n in enumerate(pred.names) if n not in ("stem", "head")]
+    downsampling = ("stage2.layer1", "stage3.layer1")  # stride 2: a quarter of the positions
+    stride1 = [i for i in body if pred.names[i] not in downsampling]
+    # closed form: gain² · P(h > 0) = 2 · ½ at every stride-1 body block
+    np.testing.assert_allclose(np.asarray(pred.phi)[stride1], 1.0, rtol=1e-5)
+    names, meas, _ = _measure(cfg, shape, inits=4)
+    _check(pred, names, meas, 0.10, skip=("stem", "head"))

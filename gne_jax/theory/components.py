@@ -342,7 +342,9 @@ def delta_orthogonal(c_in: int, c_out: int, *, gain=1.0, stride: int = 1,
     mult = _f(gain) * (math.sqrt(c_out / c_in) if scale_by_fan_ratio else 1.0)
     comp = orthogonal(c_in, c_out, gain=mult)
     ratio = c_out / (c_in * stride * stride)
-    return Component(f"delta_orthogonal({c_in}->{c_out})", comp.moments, comp.forward, ratio)
+    # keep the full forward map (`propagate`): the output channel means are random with zero
+    # average, exactly as for `orthogonal`, so a ReLU after it sees a centred input
+    return comp._replace(name=f"delta_orthogonal({c_in}->{c_out})", size_ratio=float(ratio))
 
 
 # ---------------------------------------------------------------------------
