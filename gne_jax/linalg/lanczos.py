@@ -287,7 +287,16 @@ def _decompose(matvec, v0, *, num_steps, reortho, breakdown_rtol) -> LanczosResu
     return _lanczos_flat(matvec_flat, ravel_pytree(v0)[0], num_steps, reortho, breakdown_rtol)
 
 
-def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol) -> LanczosResult:
+def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol, symmetry=False):
+    """The Lanczos loop on flat vectors: a ``LanczosResult``, or ``(result, symmetry stats)``.
+
+    With ``symmetry=True`` (and k ≥ 2) the loop also returns the symmetry check of
+    ``symmetry_stats`` at no extra matvec: at step j ≥ 1, s = q_{j-1}ᵀ(A q_j) is compared
+    with t = q_jᵀ(A q_{j-1}), which is β_{j-1} by construction of q_j (A q_{j-1} minus
+    its projection on the earlier basis, normalized; zero after a restart), so
+    s − t = q_{j-1}ᵀ(A − Aᵀ)q_j. The pair with the largest |s − t|/scale, scale =
+    (‖A q_j‖ + ‖A q_{j-1}‖)/2, is returned as ``(s, t, scale)``.
+    """
     n, dtype = v.shape[0], v.dtype
     rtol = float(jnp.finfo(dtype).eps) ** 0.75 if breakdown_rtol is None else breakdown_rtol
     index = jnp.arange(n, dtype=dtype)
@@ -307,14 +316,24 @@ def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol) -> LanczosResult:
     e0 = (jnp.arange(n) == 0).astype(dtype) + 0.0 * v
     q0 = jnp.where(norm0 > 0, v / jnp.where(norm0 > 0, norm0, 1.0), e0)
     basis = basis.at[0].set(q0)
+    zero = jnp.zeros((), dtype)
 
     def body(j, carry):
-        basis, diag, beta, scale, restarts, nfinite, stopped = carry
+        basis, diag, beta, scale, restarts, nfinite, stopped, sym = carry
         q = basis[j]
         q_prev = basis[jnp.maximum(j - 1, 0)]
         beta_prev = jnp.where(j > 0, beta[jnp.maximum(j - 1, 0)], 0.0)
         w = matvec(q)
         a = jnp.vdot(q, w)
+        if symmetry:  # q_{j-1}ᵀ A q_j against q_jᵀ A q_{j-1} = β_{j-1} (see docstring)
+            s, t = jnp.vdot(q_prev, w), beta_prev
+            norm_w = jnp.linalg.norm(w)
+            pair_scale = 0.5 * (norm_w + sym[3])
+            gap = jnp.abs(s - t) / jnp.maximum(pair_scale, jnp.finfo(dtype).tiny)
+            worse = (j > 0) & ~stopped & jnp.isfinite(gap) & (gap > sym[4])
+            sym = tuple(jnp.where(worse, new, old) for new, old in
+                        zip((s, t, pair_scale), sym[:3], strict=True)) + (
+                norm_w, jnp.where(worse, gap, sym[4]))
         w = w - a * q - beta_prev * q_prev
         if reortho == "full":
             w = _orthogonalize(w, basis)
@@ -340,19 +359,21 @@ def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol) -> LanczosResult:
         beta = beta.at[j].set(b)
         restarts = restarts + broke.astype(restarts.dtype)
         nfinite = nfinite + ok.astype(nfinite.dtype)
-        return basis, diag, beta, scale, restarts, nfinite, stopped
+        return basis, diag, beta, scale, restarts, nfinite, stopped, sym
 
     init = (
         basis,
         jnp.zeros((k,), dtype),
         jnp.zeros((k,), dtype),
-        jnp.zeros((), dtype),
+        zero,
         jnp.zeros((), jnp.int32),
         jnp.zeros((), jnp.int32),
         jnp.zeros((), bool),
+        # worst pair (s, t, scale), ‖A q_{j-1}‖, worst relative gap
+        (zero, zero, zero, zero, jnp.full((), -1.0, dtype)),
     )
-    basis, diag, beta, _, restarts, nfinite, _ = jax.lax.fori_loop(0, k, body, init)
-    return LanczosResult(
+    basis, diag, beta, _, restarts, nfinite, _, sym = jax.lax.fori_loop(0, k, body, init)
+    result = LanczosResult(
         diag=diag,
         offdiag=beta[:-1],
         basis=basis[:k],
@@ -360,6 +381,24 @@ def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol) -> LanczosResult:
         num_restarts=restarts,
         num_finite_steps=nfinite,
     )
+    return (result, sym[:3]) if symmetry else result
+
+
+def lanczos_with_symmetry(matvec_flat: Callable, v: Array, k: int, reortho: str, key: Array):
+    """``(LanczosResult, symmetry stats)``: the stats from the loop itself when k ≥ 2
+    (no extra matvec, nothing more to compile), else ``symmetry_stats`` (two matvecs)."""
+    if k >= 2:
+        return _lanczos_flat(matvec_flat, v, k, reortho, None, symmetry=True)
+    result = _lanczos_flat(matvec_flat, v, k, reortho, None)
+    return result, symmetry_stats(matvec_flat, key, v.shape[0], v.dtype)
+
+
+def worst_symmetry_pair(stats) -> tuple[Array, ...]:
+    """The ``(s, t, scale)`` with the largest |s − t|/scale among stats with a leading axis."""
+    s, t, scale = stats
+    gap = jnp.abs(s - t) / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
+    i = jnp.argmax(jnp.where(jnp.isfinite(gap), gap, -1.0))
+    return s[i], t[i], scale[i]
 
 
 def raise_if_nonfinite(num_finite_steps, num_steps: int, what: str = "matvec") -> None:
@@ -465,14 +504,14 @@ def eigh_extreme(
 def _eigh_extreme(matvec, key, *, like, num_steps, num_eigs, which, reortho, check_symmetry):
     """(EigenResult, symmetry stats or None) of a matvec on vectors shaped like ``like``."""
     like = like.tree()
-    flat, unravel = ravel_like(like)
+    matvec_flat, unravel, n = flatten_matvec(matvec, like)
+    dtype = ravel_like(like)[0].dtype
     k_start, k_sym = jax.random.split(key)
-    sym = None
+    v0 = rademacher(k_start, (n,), dtype)  # any start with no zero overlap
     if check_symmetry:
-        matvec_flat, _, n = flatten_matvec(matvec, like)
-        sym = symmetry_stats(matvec_flat, k_sym, n, flat.dtype)
-    v0 = rademacher(k_start, flat.shape, flat.dtype)  # any start with no zero overlap
-    res = lanczos_tridiag(num_steps, reortho=reortho)(matvec, unravel(v0))
+        res, sym = lanczos_with_symmetry(matvec_flat, v0, num_steps, reortho, k_sym)
+    else:
+        res, sym = _lanczos_flat(matvec_flat, v0, num_steps, reortho, None), None
     rz = ritz(res)
     # Invalid (padding) values go to the far end so they are never selected.
     big = jnp.finfo(rz.values.dtype).max

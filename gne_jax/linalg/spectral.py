@@ -49,14 +49,15 @@ from gne_jax._validate import (
     renamed_argument,
 )
 from gne_jax.linalg.lanczos import (
+    _lanczos_flat,
     check_num_steps,
     flatten_matvec,
-    lanczos_tridiag,
     raise_if_asymmetric,
     raise_if_nonfinite,
     ravel_like,
     ritz,
     symmetry_stats,
+    worst_symmetry_pair,
 )
 from gne_jax.probes import compiled
 from gne_jax.probes.compiled import AbstractTree, hoist
@@ -229,17 +230,26 @@ def slq_nodes(
     check_positive_int(num_probes, "num_probes")
     check_choice(dist, "dist", DISTRIBUTIONS)
     key = check_key(key)
-    flat, unravel = ravel_like(like)
-    n = flat.shape[0]
-    check_num_steps(num_steps, n)
-    decompose = lanczos_tridiag(num_steps, reortho=reortho)
+    check_num_steps(num_steps, ravel_like(like)[0].shape[0])
+    return _slq(matvec, like, key, num_steps=num_steps, num_probes=num_probes, dist=dist,
+                reortho=reortho, probe_chunk=probe_chunk)[:4]
+
+
+def _slq(matvec, like, key, *, num_steps, num_probes, dist, reortho, probe_chunk,
+         symmetry=False):
+    """``slq_nodes`` and, with ``symmetry`` and ≥ 2 steps, the per-probe symmetry stats of
+    the Lanczos loop (``lanczos._lanczos_flat``); else None."""
+    flat = ravel_like(like)[0]
+    matvec_flat, _, n = flatten_matvec(matvec, like)
     draw = rademacher if dist == "rademacher" else jax.random.normal
+    symmetry = symmetry and num_steps >= 2
 
     def one(k_):
         v = draw(k_, (n,), dtype=flat.dtype)
-        res = decompose(matvec, unravel(v))
+        out = _lanczos_flat(matvec_flat, v, num_steps, reortho, None, symmetry=symmetry)
+        res, sym = out if symmetry else (out, None)
         rz = ritz(res)
-        return rz.values, rz.weights, res.num_restarts, res.num_finite_steps
+        return rz.values, rz.weights, res.num_restarts, res.num_finite_steps, sym
 
     return map_probes(one, jax.random.split(key, num_probes), probe_chunk)
 
@@ -263,16 +273,16 @@ def _density(matvec, key, arrays, like, *, num_steps, num_probes, num_grid, log_
              reortho, probe_chunk, check_symmetry):
     """(SpectralDensity, symmetry stats or None): the traceable core of the densities."""
     k_nodes, k_sym = jax.random.split(key)
-    flat = ravel_like(like)[0]
-    n = flat.shape[0]
-    sym = None
+    n = ravel_like(like)[0].shape[0]
+    nodes, weights, restarts, nfinite, sym = _slq(
+        matvec, like, k_nodes, num_steps=num_steps, num_probes=num_probes, dist=dist,
+        reortho=reortho, probe_chunk=probe_chunk, symmetry=check_symmetry)
     if check_symmetry:
-        matvec_flat, _, _ = flatten_matvec(matvec, like)
-        sym = symmetry_stats(matvec_flat, k_sym, n, flat.dtype)
-    nodes, weights, restarts, nfinite = slq_nodes(
-        matvec, like, key=k_nodes, num_steps=num_steps, num_probes=num_probes, dist=dist,
-        reortho=reortho, probe_chunk=probe_chunk,
-    )
+        if sym is None:  # one step per probe: no pair of Lanczos vectors to compare
+            matvec_flat, _, _ = flatten_matvec(matvec, like)
+            sym = symmetry_stats(matvec_flat, k_sym, n, ravel_like(like)[0].dtype)
+        else:
+            sym = worst_symmetry_pair(sym)
     if log_scale:
         floor = arrays.get("log_floor")
         floor = default_log_floor(nodes) if floor is None else floor

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from gne_jax._tree import tree_vdot
+from gne_jax._tree import is_concrete, tree_vdot
 from gne_jax._validate import (
     check_choice,
     check_key,
@@ -34,6 +34,8 @@ from gne_jax._validate import (
     legacy_key,
     renamed_argument,
 )
+from gne_jax.probes import compiled
+from gne_jax.probes.compiled import AbstractTree
 
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]
@@ -153,20 +155,36 @@ def hutchinson(
     if probe_chunk is not None:
         check_positive_int(probe_chunk, "probe_chunk")
 
+    opts = dict(num_probes=k, dist=dist, probe_chunk=probe_chunk)
+
     def estimate(matvec: Matvec, like: PyTree, legacy_like: PyTree = None, /, *,
                  key: jax.Array | None = None) -> TraceEstimate:
         like, key = legacy_key(like, legacy_like, key)
-        key = check_key(key)
-
-        def one(k_):
-            v = sample_probe(k_, like, dist)
-            return tree_vdot(v, matvec(v))
-
-        samples = map_probes(one, jax.random.split(key, k), probe_chunk)
-        value, sem = mean_and_sem(samples)
-        return TraceEstimate(value, sem, samples, k)
+        return _estimate(_hutchinson, opts, matvec, like, check_key(key))
 
     return estimate
+
+
+def _estimate(impl, opts, matvec, like, key) -> TraceEstimate:
+    """``impl(matvec, key, like=..., **opts)``: inline under a transformation, else one
+    program per structure of ``matvec`` (its closed-over arrays are arguments)."""
+    abstract = AbstractTree(like)
+    if not is_concrete((like, key)):
+        return impl(matvec, key, like=abstract, **opts)
+    return compiled.call(impl, dict(like=abstract, **opts),
+                         [(matvec, (abstract.tree(),), "matvec")], (key,))
+
+
+def _hutchinson(matvec, key, *, like, num_probes, dist, probe_chunk) -> TraceEstimate:
+    like = like.tree()
+
+    def one(k_):
+        v = sample_probe(k_, like, dist)
+        return tree_vdot(v, matvec(v))
+
+    samples = map_probes(one, jax.random.split(key, num_probes), probe_chunk)
+    value, sem = mean_and_sem(samples)
+    return TraceEstimate(value, sem, samples, num_probes)
 
 
 def hutchpp_split(num_matvecs: int) -> tuple[int, int]:
@@ -201,34 +219,40 @@ def hutchpp(
     """
     m = check_positive_int(num_probes, "num_probes", minimum=4)
     check_choice(dist, "dist", DISTRIBUTIONS)
-    s, r = hutchpp_split(m)
+    s, _ = hutchpp_split(m)
 
     def estimate(matvec: Matvec, like: PyTree, legacy_like: PyTree = None, /, *,
                  key: jax.Array | None = None) -> TraceEstimate:
         like, key = legacy_key(like, legacy_like, key)
         key = check_key(key)
-        flat_like, unravel = ravel_pytree(jax.tree.map(jnp.zeros_like, like))
-        n, dtype = flat_like.shape[0], _float_dtype(flat_like)
+        n = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(like))
         if s > n:
             raise ValueError(
                 f"`num_probes`={m} gives a Hutch++ sketch of {s} columns, more than the "
                 f"dimension {n}; use at most {3 * n} matvecs or method 'exact'."
             )
-
-        def mv(v):
-            return ravel_pytree(matvec(unravel(v)))[0]
-
-        k_sketch, k_res = jax.random.split(key)
-        Q = orthonormal_sketch(mv, k_sketch, n, s, dtype, dist)
-        exact = jnp.sum(Q * jax.vmap(mv)(Q.T).T)  # Tr(QᵀAQ)
-
-        def one(k_):
-            g = ravel_pytree(sample_probe(k_, unravel(flat_like), dist))[0]
-            g = g - Q @ (Q.T @ g)
-            return jnp.vdot(g, mv(g)).real
-
-        residual = jax.vmap(one)(jax.random.split(k_res, r))
-        value_res, sem = mean_and_sem(residual)
-        return TraceEstimate(exact + value_res, sem, exact + residual, m)
+        return _estimate(_hutchpp, dict(num_probes=m, dist=dist), matvec, like, key)
 
     return estimate
+
+
+def _hutchpp(matvec, key, *, like, num_probes, dist) -> TraceEstimate:
+    s, r = hutchpp_split(num_probes)
+    flat_like, unravel = ravel_pytree(jax.tree.map(jnp.zeros_like, like.tree()))
+    n, dtype = flat_like.shape[0], _float_dtype(flat_like)
+
+    def mv(v):
+        return ravel_pytree(matvec(unravel(v)))[0]
+
+    k_sketch, k_res = jax.random.split(key)
+    Q = orthonormal_sketch(mv, k_sketch, n, s, dtype, dist)
+    exact = jnp.sum(Q * jax.vmap(mv)(Q.T).T)  # Tr(QᵀAQ)
+
+    def one(k_):
+        g = ravel_pytree(sample_probe(k_, unravel(flat_like), dist))[0]
+        g = g - Q @ (Q.T @ g)
+        return jnp.vdot(g, mv(g)).real
+
+    residual = jax.vmap(one)(jax.random.split(k_res, r))
+    value_res, sem = mean_and_sem(residual)
+    return TraceEstimate(exact + value_res, sem, exact + residual, num_probes)
