@@ -111,9 +111,12 @@ def make_step(model_name: str, model_kw: dict, batch: int, image_size: int, *,
 
 
 def time_interleaved(runs: dict, steps: int, repeats: int) -> dict[str, list[float]]:
+    """Per-variant step times, one per repeat; the order alternates (A B C, C B A, ...)."""
     times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, r in runs.items():
+    names = list(runs)
+    for rep in range(repeats):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            r = runs[name]
             t0 = time.perf_counter()
             for _ in range(steps):
                 r["state"], m = r["step"](r["state"], r["batch"])
@@ -203,13 +206,19 @@ def main():
             with patched_scan("scan_unroll"):
                 runs[f"{key} nn.scan(unroll=n)"] = make_step(name, kw, args.batch,
                                                              args.image_size)
-        med = print_table(runs, time_interleaved(runs, args.steps, args.repeats), args.batch)
+        times = time_interleaved(runs, args.steps, args.repeats)
+        med = print_table(runs, times, args.batch)
         if not args.no_scanned:
             print(f"scanned / unroll_scans: "
                   f"{med[f'{key} scanned'] / med[f'{key} unroll_scans']:.1f}x")
         if not args.no_hand:
+            # Paired per repeat (the two ran back to back), robust to slow load drift.
+            paired = (np.asarray(times[f"{key} unroll_scans"])
+                      / np.asarray(times[f"{key} hand-unrolled"]))
             print(f"unroll_scans / hand-unrolled: "
-                  f"{med[f'{key} unroll_scans'] / med[f'{key} hand-unrolled']:.2f}")
+                  f"{med[f'{key} unroll_scans'] / med[f'{key} hand-unrolled']:.2f} (medians); "
+                  f"per repeat: median {np.median(paired):.2f}, quartiles "
+                  f"{np.percentile(paired, 25):.2f}-{np.percentile(paired, 75):.2f}")
 
 
 if __name__ == "__main__":
