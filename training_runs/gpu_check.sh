@@ -10,5 +10,5 @@ python benchmarks/train_step.py norms --norm-model resnet50 --image-size 224 --b
 python -m training_runs speed --depth 56 --batch 128 --repeats 20 --out "$out"
 python -m gne_jax.train --config=configs/train/cifar10_serial.py:kaiming_normal,relu,smn \
     --config.dataset.name=npz --config.dataset.path=training_runs/data/digits.npz \
-    --config.dataset.image_size=32 --config.num_epochs=5 --config.progress_bar=False \
+    --config.dataset.image_size=32 --config.num_epochs=20 --config.progress_bar=False \
     --workdir="$out/serial32_digits" 2>&1 | grep -E "epoch|First step" | tee "$out/serial32.txt"
