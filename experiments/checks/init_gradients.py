@@ -213,12 +213,13 @@ def init_grad(ctx: Context):
                                   f"{init_label} (flat)", 0.0, m, se, abs_tol=0.02, se_mult=3,
                                   fail_note=(
                                       f"the gradients grow toward the output (×{grow:.3g} "
-                                      "over the 30 conv layers): at the CPU-sized 16×16 input "
-                                      "the body blocks have φ < 1 (G13 measures 0.82 Kaiming, "
-                                      "0.95 delta-orthogonal per block, the zero-padded borders "
-                                      "of the 8×8 and 4×4 maps), so the backward signal "
-                                      "shrinks toward the input; not fully explained (delta-"
-                                      "orthogonal, closest to φ = 1, has the steepest slope)")))
+                                      "over the 30 conv layers), at the paper's 128×32×32 "
+                                      "batch too (slopes 0.06–0.11 on a GPU; "
+                                      "docs/reproductions.md); zero-padded borders lower the "
+                                      "Kaiming/orthogonal blocks' φ (G13: 0.82 per block at "
+                                      "16×16), but delta-orthogonal kernels have no border "
+                                      "taps (block φ 0.95) and show the steepest slope, so "
+                                      "the borders do not explain it: not diagnosed")))
     for act_label in ("ReLU", "leaky ReLU 0.18", "sPReLU"):
         s = {k: v[1] for k, v in data[act_label].items()}
         r = judge("G14", GNE, f"spread ln(q85/q15): Orth vs KM, {act_label}", s["KM"],
