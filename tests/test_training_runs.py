@@ -55,3 +55,38 @@ def test_small_configs_are_valid():
             c.dataset.name = "synthetic"
             validate_config(c)
             assert c.num_epochs == 15
+
+
+def test_small_imagenet_group_is_the_cpu_resnet50_on_an_npz(tmp_path):
+    """The ImageNet group's small version: ResNet-50's configs shrunk to a bottleneck
+    ResNet-14 on 32×32 images of the given .npz, no decoding workers; the paper size keeps
+    the config file (ImageNet, ResNet-50, 90 epochs, batch 256)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gne_jax.training import train
+
+    path = str(tmp_path / "d.npz")
+    np.savez(path, x_train=np.zeros((8, 8, 8), np.uint8), y_train=np.arange(8) % 4,
+             x_test=np.zeros((4, 8, 8), np.uint8), y_test=np.arange(4))
+    labels = [r.label for r in GROUPS["imagenet"]]
+    assert labels == ["BN", "BN + mixup", "SMN", "SMN + mixup"]
+    for run in GROUPS["imagenet"]:
+        small = run_config("imagenet", run, size="small", dataset=path, seed=1)
+        paper = run_config("imagenet", run, size="paper", dataset=None, seed=1,
+                           data_dir=str(tmp_path))
+        assert (small.dataset.name, small.dataset.path, small.dataset.channels) == ("npz", path, 1)
+        assert small.dataset.image_size == 32 and small.loader_workers == 0
+        assert tuple(small.model.stage_sizes) == (1, 1, 1, 1) and small.batch_size == 64
+        assert small.mixup_alpha == paper.mixup_alpha == (0.2 if "mixup" in run.label else 0.0)
+        assert small.model.normalization == paper.model.normalization
+        assert paper.dataset.name == "imagenet2012" and paper.num_epochs == 90
+        assert paper.dataset.data_dir == str(tmp_path) and paper.loader_workers == 8
+        assert tuple(paper.model.stage_sizes) == (3, 4, 6, 3) and paper.batch_size == 256
+    # 32×32 inputs: the stem (÷4) and three strided stages (÷8) end at 1×1, then 10 logits.
+    model = train.create_model(small, 10)
+    x = jnp.zeros((2, 32, 32, 1))
+    v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    kernels = [a for a in jax.tree.leaves(v["params"]) if a.ndim == 4]
+    assert len(kernels) == 1 + 4 * 3 + 4  # stem, 3 convs per block, 4 projection shortcuts
+    assert jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x).shape == (2, 10)

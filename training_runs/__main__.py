@@ -5,6 +5,8 @@ r"""``python -m training_runs``: run a paper group's training configs × repeats
     python -m training_runs run normalization --dataset data/digits.npz --repeats 2 \
         --out training_runs/results                         # small CPU version + figures
     python -m training_runs run resnet56 --size paper --dataset cifar10 --repeats 4 --out runs/p
+    python -m training_runs run imagenet --dataset data/digits.npz   # small ResNet-50 group
+    python -m training_runs run imagenet --size paper --data-dir DIR --repeats 1 --out runs/p
     python -m training_runs aggregate normalization --out training_runs/results
     python -m training_runs speed --out training_runs/results   # SMN vs BN step time
 
@@ -43,7 +45,7 @@ def make_digits(path: str, seed: int = 0) -> None:
 
 
 def run_group(group: str, *, dataset: str | None, repeats: int, size: str, out: str,
-              only: list[str] | None = None) -> None:
+              only: list[str] | None = None, data_dir: str | None = None) -> None:
     from gne_jax._cache import enable_compilation_cache
     from gne_jax.training.train import train_and_evaluate
 
@@ -52,7 +54,8 @@ def run_group(group: str, *, dataset: str | None, repeats: int, size: str, out: 
     for run in runs:
         for seed in range(repeats):
             workdir = os.path.join(out, group, slug(run.label), f"seed{seed}")
-            config = run_config(group, run, size=size, dataset=dataset, seed=seed)
+            config = run_config(group, run, size=size, dataset=dataset, seed=seed,
+                                data_dir=data_dir)
             t0 = time.perf_counter()
             try:
                 result = train_and_evaluate(config, workdir)
@@ -79,6 +82,8 @@ def main(argv=None):
             q.add_argument("--dataset", default=None,
                            help=".npz file, image folder, or a TFDS name (default: the "
                                 "config's own dataset)")
+            q.add_argument("--data-dir", default=None,
+                           help="TFDS data_dir of a prepared TFDS dataset (e.g. imagenet2012)")
             q.add_argument("--repeats", type=int, default=2)
             q.add_argument("--size", choices=("small", "paper"), default="small")
             q.add_argument("--only", nargs="*", help="run labels to run (default: all)")
@@ -102,7 +107,7 @@ def main(argv=None):
         return
     if args.cmd == "run":
         run_group(args.group, dataset=args.dataset, repeats=args.repeats, size=args.size,
-                  out=args.out, only=args.only)
+                  out=args.out, only=args.only, data_dir=args.data_dir)
     paths = aggregate(args.out, args.group, [r.label for r in GROUPS[args.group]])
     for k, v in paths.items():
         print(f"{k}: {v}")

@@ -4,7 +4,8 @@ A run is ``(label, config file, config argument, overrides)``. ``paper`` keeps t
 config file's settings (setups §1.4: 32-layer CNN, 130/200 epochs, CIFAR-10, batch 128);
 ``small`` shrinks every run to minutes on a CPU on a small real dataset given as an
 ``.npz`` or image folder: an 8-layer serial CNN / ResNet-8 / 2-block DenseNet, 16×16
-images, batch 64, ``SMALL_EPOCHS`` epochs with the learning-rate drops at 60% and 80%.
+images, batch 64, ``SMALL_EPOCHS`` epochs with the learning-rate drops at 60% and 80%;
+ImageNet's ResNet-50 becomes a bottleneck ResNet-14 of width 8 on 32×32 images.
 """
 
 from __future__ import annotations
@@ -69,10 +70,13 @@ GROUPS: dict[str, list[Run]] = {
         Run("SMN", "cifar10_resnet56.py", "smn"),
         Run("Fixup@2 + scale", "cifar10_resnet56.py", "fixup2_scalars"),
     ],
-    # ResNet-50 on ImageNet, BN vs SMN.
+    # ResNet-50 on ImageNet (setups §1.8): BN and SMN, each without and with mixup
+    # (α = 0.2; the paper's SMN run is "SMN + mixup").
     "imagenet": [
         Run("BN", "imagenet_resnet50.py", "bn"),
+        Run("BN + mixup", "imagenet_resnet50.py", "bn_mixup"),
         Run("SMN", "imagenet_resnet50.py", "smn"),
+        Run("SMN + mixup", "imagenet_resnet50.py", "smn_mixup"),
     ],
     # Vanishing-curvature paper: SGD vs Adam on a deep randomly initialized plain network,
     # and with BN or residual connections (qualitative: setups §4).
@@ -91,7 +95,8 @@ PAPER_COST = {
     "selu": "8 runs × 130 epochs, × repeats",
     "densenet": "6 runs × 130 epochs of DenseNet-BC, × repeats",
     "resnet56": "8 runs × 200 epochs of ResNet-56, × repeats",
-    "imagenet": "4 runs × 90 epochs of ResNet-50 on ImageNet",
+    "imagenet": "4 runs × 90 epochs of ResNet-50 on ImageNet (1.28 M images, batch 256): "
+                "115 M images per run, about a day per run on one GPU",
     "sgd_adam": "4 runs (deep plain / BN CNN) × 130 epochs",
 }
 
@@ -105,8 +110,9 @@ def _set(c, key, value):
 
 
 def run_config(group: str, run: Run, *, size: str, dataset: str | None,
-               seed: int) -> ml_collections.ConfigDict:
-    """The config of one run of ``group`` at ``size`` (``small`` or ``paper``), seed ``seed``."""
+               seed: int, data_dir: str | None = None) -> ml_collections.ConfigDict:
+    """The config of one run of ``group`` at ``size`` (``small`` or ``paper``), seed ``seed``;
+    ``data_dir``: where the TFDS datasets are prepared (e.g. ImageNet at paper size)."""
     c = from_file(os.path.join(CONFIGS, run.config_file), run.arg)
     for k, v in run.overrides.items():
         _set(c, k, v)
@@ -117,6 +123,8 @@ def run_config(group: str, run: Run, *, size: str, dataset: str | None,
         if c.optimizer.name == "adam":
             c.optimizer.learning_rate = 1e-3
     c.seed = seed
+    if data_dir:
+        c.dataset.data_dir = data_dir
     if dataset:
         if os.path.isdir(dataset):
             c.dataset.name, c.dataset.path = "image_folder", dataset
@@ -149,7 +157,10 @@ def run_config(group: str, run: Run, *, size: str, dataset: str | None,
             c.model.block_sizes = (2, 2, 2)
             c.model.growth_rate = 8
         elif name == "resnet50":
+            # Bottleneck ResNet-14 (one block per stage), width 8: 32×32 inputs, as the
+            # stem and stages downsample 32× (the digits are upsampled 4×).
             c.model.stage_sizes = (1, 1, 1, 1)
             c.model.width = 8
             c.dataset.image_size = 32
+            c.loader_workers = 0  # the ImageNet config's 8 decoding workers, not needed here
     return c
