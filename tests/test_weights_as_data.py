@@ -317,3 +317,67 @@ def test_trace_estimator_closures_compile_once_per_structure(make, unbiased_chec
     values = np.array([float(r.value) for r in out])
     sems = np.array([float(r.sem) for r in out])
     assert np.all(np.abs(values - exact) <= 4 * sems + 1e-4), (values, exact, sems)
+
+
+def _exact_phi(fn, x):
+    """φ = ‖J‖²_F / m from the materialized Jacobian (independent of the probes)."""
+    jac = np.asarray(jax.jacfwd(fn)(x)).reshape(-1, x.size)
+    return float(np.sum(jac**2) / jac.shape[0])
+
+
+def _phi(fn, x):
+    return float(jacobian_moments(fn, x, method="exact").phi)
+
+
+def test_fast_path_reads_closures_without_tracing(monkeypatch):
+    """After the first call of each form, new closures over new weights are not traced."""
+    compiled.clear_programs()
+    traced = []
+    hoist = compiled.hoist
+    monkeypatch.setattr(compiled, "hoist", lambda *a, **k: traced.append(1) or hoist(*a, **k))
+    x = jnp.ones((2, 12))
+    states = [random_params(s, (12, 9, 5)) for s in range(4)]
+    forms = [lambda p: (lambda z: mlp_apply(p, z)), lambda p: functools.partial(mlp_apply, p)]
+    for make in forms:
+        jacobian_moments(make(states[0]), x, key=jax.random.key(0), num_probes=4)
+        traced.clear()
+        for p in states[1:]:
+            r = jacobian_moments(make(p), x, key=jax.random.key(0), num_probes=4)
+            assert abs(float(r.phi) - _exact_phi(make(p), x)) <= 4 * float(r.phi_sem) + 1e-6
+        assert not traced, f"{len(traced)} traces over 3 new closures"
+
+
+def test_fast_path_never_shares_a_program_between_different_functions():
+    """Same code with different static values, a redefined global helper, repeated arrays:
+    each probe equals the exact φ of its own function."""
+    compiled.clear_programs()
+    x = jnp.asarray(np.random.default_rng(1).standard_normal(6), jnp.float32)
+    w1, w2 = (jnp.asarray(np.random.default_rng(s).standard_normal((6, 6)) / 3, jnp.float32)
+              for s in (2, 3))
+
+    def scaled(c):
+        return lambda z: c * jnp.tanh(z @ w1)
+
+    def default_scaled(c):
+        return lambda z, c=c: c * jnp.tanh(z @ w1)
+
+    ns = {"jnp": jnp}
+    exec("def helper(z):\n    return jnp.sin(z)\n"
+         "def make(w):\n    return lambda z: helper(z @ w)\n", ns)
+    sin_fn = ns["make"](w1)
+    sin_phi = _phi(sin_fn, x)
+    exec("def helper(z):\n    return jnp.cos(z)\n", ns)  # redefined: make's lambda changes
+    cos_fn = ns["make"](w1)
+
+    def chain(ws):
+        return lambda z: mlp_apply(ws, z)
+
+    w_np = np.asarray(w2)
+    cases = [scaled(2.0), scaled(3.0), scaled(-0.0), default_scaled(2.0), default_scaled(0.5),
+             cos_fn, chain([w1, w1]), chain([w1, w2]), chain([w2, w2]),
+             lambda z: jnp.tanh(z @ w_np)]  # a NumPy array: traced every time
+    phis = [_phi(f, x) for f in cases]
+    for f, phi in zip(cases, phis, strict=True):
+        np.testing.assert_allclose(phi, _exact_phi(f, x), rtol=1e-5)
+    assert abs(sin_phi - _exact_phi(lambda z: jnp.sin(z @ w1), x)) <= 1e-5 * sin_phi
+    assert abs(phis[5] - sin_phi) > 1e-3  # the redefined helper was not served the old program

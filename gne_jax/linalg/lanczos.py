@@ -33,9 +33,10 @@ in three places this library needs:
 * **bad input**: no symmetry check. ``check_symmetric`` tests
   |uᵀAv − vᵀAu| on random vectors.
 
-The loop is one ``lax.fori_loop`` whose body does one matvec and two
+The loop is one ``lax.fori_loop`` whose body does one matvec and three
 ``w -= Qᵀ(Q w)`` passes over the preallocated ``(k+1, n)`` basis (rows not yet
-filled are zero), so the traced program and the compile time do not grow with
+filled are zero; the third pass also serves a restart vector, so there is no
+``lax.cond``), so the traced program and the compile time do not grow with
 ``num_steps``. Everything follows the dtype of ``v0`` (float32 by default,
 float64 under ``jax_enable_x64``).
 """
@@ -342,14 +343,16 @@ def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol, symmetry=False):
         stopped = ~ok
         scale = jnp.where(ok, jnp.maximum(scale, jnp.maximum(jnp.abs(a), b)), scale)
         broke = ok & (b <= rtol * scale)
-        # The restart vector (two more Gram–Schmidt passes) is computed only on
-        # breakdown; under vmap over probes the cond becomes a select and both
-        # branches run, which costs about one extra reorthogonalization per step.
-        q_next = jax.lax.cond(
-            broke,
-            lambda: _unit(_orthogonalize(candidate(j), basis)),
-            lambda: w / jnp.where(ok, b, 1.0),
-        )
+        # On breakdown the next vector is the restart candidate instead of w. One more
+        # Gram–Schmidt pass serves both (w is already orthogonal; a pseudo-random vector
+        # needs one pass): a select, not a ``lax.cond``, which compiles faster and costs one
+        # pass per step (under vmap over probes a cond runs both branches anyway).
+        if reortho == "full":
+            z = jnp.where(broke, candidate(j), w)
+            q_next = _unit(z - basis.T @ (basis @ z))
+        else:  # the plain recurrence: only a restart vector is orthogonalized
+            c = candidate(j)
+            q_next = jnp.where(broke, _unit(_orthogonalize(c, basis)), w / jnp.where(ok, b, 1.0))
         # After a non-finite value everything is frozen at zero: decoupled, zero weight.
         q_next = jnp.where(ok, q_next, 0.0)
         a = jnp.where(ok, a, 0.0)

@@ -60,7 +60,7 @@ from gne_jax.linalg.lanczos import (
     worst_symmetry_pair,
 )
 from gne_jax.probes import compiled
-from gne_jax.probes.compiled import AbstractTree, hoist
+from gne_jax.probes.compiled import AbstractTree, hoist_fast
 from gne_jax.probes.stochtrace import (
     DISTRIBUTIONS,
     TraceEstimate,
@@ -428,7 +428,7 @@ def jacobian_spectral_density(
     opts = dict(num_steps=num_steps, num_probes=num_probes, num_grid=num_grid,
                 log_scale=bool(log_scale), dist=dist, reortho=reortho, probe_chunk=probe_chunk,
                 check_symmetry=bool(check_symmetry))
-    structure, _ = hoist(fn, x, argname="fn")
+    structure, _ = hoist_fast(fn, x, argname="fn")
     check_float_tree(structure.out_shape, "fn(x)")
     _check_density_options(sigma=sigma, rel_sigma=rel_sigma,
                            n=sum(math.prod(a.shape) for a in jax.tree.leaves(structure.out_shape)),

@@ -24,16 +24,39 @@ only jaxprs (no user function, no weight). At most ``MAX_PROGRAMS`` programs are
 
 Under an outer ``jit``/``vmap``/``grad`` there is nothing to compile: the entry points
 call their implementation directly (see ``is_concrete``).
+
+**Fast path** (``hoist_fast``): tracing ``fn`` and printing its jaxpr costs a few ms per
+call, which is the whole overhead of an eager call on a network that runs in tens of
+ms. When ``fn`` is built only from plain Python functions, ``functools.partial`` and
+bound methods, its structure can be read without tracing: the code objects, the
+closure cells, defaults and partial arguments (pytrees whose array leaves are
+collected, the rest compared by value), and every global name the code refers to
+(by value; a global array is not allowed). Two functions with equal descriptions
+trace to the same jaxpr, whose constants are the same positions among the collected
+arrays. So the first call of a description traces once and records that map from
+arrays to constants; later calls only collect the arrays, and run the program of the
+traced ``Structure`` (shared with every other form of the same computation). Anything
+the description cannot vouch for — a NumPy array or an unknown object in a closure, a
+global array, a closure over a tracer, a recursive closure, a constant made while
+tracing — falls back to tracing. Library functions (jax, flax, numpy, this package...)
+without closures are compared by identity: like ``jax.jit``, a redefinition of a
+helper that a *library* function calls is not noticed. A user's global function is
+described by its own code and globals, so redefining it, or any user function it
+calls, changes the description.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import threading
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from gne_jax._tree import is_concrete
 
@@ -97,6 +120,192 @@ def hoist(fn: Callable, *example_args, argname: str | None = "fn",
     return structure, list(closed.consts)
 
 
+class _Fallback(Exception):
+    """The function's structure cannot be read without tracing it."""
+
+
+class _Ref:
+    """An object compared and hashed by identity inside a structure key (kept alive)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Ref) and other.obj is self.obj
+
+
+_LIBRARY_ROOTS = frozenset({  # functions without closures here are compared by identity
+    "jax", "jaxlib", "flax", "numpy", "scipy", "optax", "chex", "einops", "ml_collections",
+    "gne_jax", "builtins", "functools", "operator", "math", "itertools", "collections",
+})
+@functools.lru_cache(maxsize=4096)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """Every name ``code`` (and the code objects nested in it) may look up as a global."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names.update(_global_names(c))
+    return tuple(sorted(names))
+
+
+def _is_library(obj) -> bool:
+    module = getattr(obj, "__module__", None) or ""
+    return module.partition(".")[0] in _LIBRARY_ROOTS
+
+
+def _static_object(v) -> bool:
+    """Immutable objects compared by value: an unbound Flax module, a frozen dataclass."""
+    try:
+        hash(v)
+    except TypeError:
+        return False
+    try:
+        import flax.linen as nn
+        if isinstance(v, nn.Module):
+            return v.scope is None  # a bound module holds variables its __eq__ ignores
+    except ImportError:  # pragma: no cover
+        pass
+    params = getattr(type(v), "__dataclass_params__", None)
+    return bool(params is not None and params.frozen and all(
+        f.compare and f.hash in (None, True) for f in dataclasses.fields(v)))
+
+
+class _Describer:
+    """Reads a callable's structure; ``leaves`` collects its arrays (see ``describe``)."""
+
+    MAX_NODES = 256  # callables visited at most, before falling back to tracing
+
+    def __init__(self):
+        self.leaves: list = []
+        self.nodes = 0
+        self.active: set[int] = set()  # callables being described (recursion: fall back)
+
+    def leaf(self, v, arrays: bool):
+        if isinstance(v, jax.core.Tracer):
+            raise _Fallback
+        if isinstance(v, jax.Array):
+            if not arrays:  # a global array: the rebuilt function could not take it
+                raise _Fallback
+            self.leaves.append(v)
+            return ("array", v.shape, v.dtype, bool(getattr(v, "weak_type", False)))
+        if v is None or v is Ellipsis or isinstance(v, (bool, int, str, bytes)):
+            return ("const", type(v), v)
+        if isinstance(v, (float, complex)):  # repr tells -0.0 from 0.0 and equates NaNs
+            return ("num", type(v), repr(v))
+        if isinstance(v, np.generic):
+            return ("np", v.dtype, v.tobytes())
+        if isinstance(v, np.dtype):
+            return ("const", np.dtype, v)
+        if isinstance(v, (types.ModuleType, type)):
+            return ("id", _Ref(v))
+        if isinstance(v, (types.FunctionType, functools.partial, types.MethodType)):
+            return self.callable(v, arrays)
+        if callable(v) and _is_library(v) and _is_library(type(v)) and (
+                type(v).__module__.partition(".")[0] in ("jax", "jaxlib")):
+            return ("id", _Ref(v))  # jax's own wrapped functions (jnp.tanh, jax.nn.relu...)
+        if _static_object(v):
+            return ("obj", v)
+        raise _Fallback
+
+    def value(self, v, arrays: bool):
+        flat, treedef = jax.tree.flatten(v)
+        return ("tree", treedef, tuple(self.leaf(a, arrays) for a in flat))
+
+    def callable(self, f, arrays: bool = True):
+        """A hashable description of ``f`` that determines what it computes from its arrays.
+
+        ``arrays=False`` (globals): an array anywhere inside makes it fall back.
+        """
+        self.nodes += 1
+        if self.nodes > self.MAX_NODES or id(f) in self.active:
+            raise _Fallback
+        self.active.add(id(f))
+        try:
+            return self._callable(f, arrays)
+        finally:
+            self.active.discard(id(f))
+
+    def _callable(self, f, arrays):
+        if isinstance(f, functools.partial):
+            return ("partial", self.callable(f.func, arrays), self.value(f.args, arrays),
+                    self.value(f.keywords, arrays))
+        if isinstance(f, types.MethodType):
+            return ("method", self.callable(f.__func__, arrays), self.value(f.__self__, arrays))
+        if not isinstance(f, types.FunctionType):
+            raise _Fallback
+        if f.__closure__ is None and _is_library(f):
+            return ("id", _Ref(f))
+        code, glob = f.__code__, f.__globals__
+        try:
+            cells = tuple(c.cell_contents for c in f.__closure__ or ())
+        except ValueError:  # an empty cell (a closure over a name not yet assigned)
+            raise _Fallback from None
+        described = tuple((name, self.value(glob[name], False))
+                          for name in _global_names(code) if name in glob)
+        return ("fn", code, _Ref(glob), f.__name__, self.value(f.__defaults__, arrays),
+                self.value(f.__kwdefaults__, arrays),
+                tuple(self.value(c, arrays) for c in cells), described)
+
+
+_FAST: collections.OrderedDict = collections.OrderedDict()
+
+
+def _aval_key(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(np.shape(a)), jax.numpy.result_type(a),
+                           bool(getattr(a, "weak_type", False))) for a in leaves)
+
+
+def _alias_pattern(leaves) -> tuple[int, ...]:
+    """For each leaf, the index of the first leaf that is the same array object."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(id(a), i) for i, a in enumerate(leaves))
+
+
+def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
+               inputs: str = "x") -> tuple[Structure, list]:
+    """``hoist``, without tracing ``fn`` again when its structure can be read from its code.
+
+    The first call of a description traces ``fn`` (validation, output shapes) and
+    records which of the arrays found in its closures are the jaxpr's constants, in
+    which order; later calls with a function of the same description (and the same
+    pattern of repeated arrays) only collect their arrays. Returns the same
+    ``Structure`` as ``hoist``, so every form of one computation shares its program.
+    """
+    describer = _Describer()
+    try:
+        spec = describer.callable(fn)
+        leaves = describer.leaves
+        key = (spec, _alias_pattern(leaves), _aval_key(example_args))
+        hash(key)
+    except (_Fallback, TypeError):
+        return hoist(fn, *example_args, argname=argname, inputs=inputs)
+    with _LOCK:
+        entry = _FAST.get(key)
+        if entry is not None:
+            _FAST.move_to_end(key)
+    if entry is not None and entry[1] is not None:
+        structure, order = entry
+        return structure, [leaves[i] for i in order]
+    structure, consts = hoist(fn, *example_args, argname=argname, inputs=inputs)
+    if entry is None:
+        index = {id(a): i for i, a in reversed(list(enumerate(leaves)))}
+        order = [index.get(id(c)) for c in consts]
+        # a constant that is none of the collected arrays (made while tracing, e.g. from
+        # a NumPy array): this description always traces
+        order = None if None in order else tuple(order)
+        with _LOCK:
+            _FAST[key] = (structure, order)
+            while len(_FAST) > 4 * MAX_PROGRAMS:
+                _FAST.popitem(last=False)
+    return structure, consts
+
+
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 _LOCK = threading.Lock()
 
@@ -144,7 +353,7 @@ def call(impl: Callable, static: dict, fns: Sequence[tuple[Callable, tuple, str]
     When a function closes over traced values or ``args`` are traced (an outer
     ``jit``/``vmap``), ``impl`` is called directly on the original functions instead.
     """
-    hoisted = [hoist(f, *ex, argname=name) for f, ex, name in fns]
+    hoisted = [hoist_fast(f, *ex, argname=name) for f, ex, name in fns]
     if not is_concrete([c for _, c in hoisted], args):
         # a function closes over traced values (under an outer transformation): inline
         return impl(*[f for f, _, _ in fns], *args, **static)
@@ -176,9 +385,10 @@ class AbstractTree:
 
 
 def clear_programs() -> None:
-    """Drops every cached program (and with it their compiled executables)."""
+    """Drops every cached program (and with it their compiled executables) and structure."""
     with _LOCK:
         _PROGRAMS.clear()
+        _FAST.clear()
 
 
 def num_programs() -> int:

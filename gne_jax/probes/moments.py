@@ -33,7 +33,7 @@ from gne_jax._validate import (
     check_positive_int,
 )
 from gne_jax.probes import compiled
-from gne_jax.probes.compiled import hoist
+from gne_jax.probes.compiled import hoist_fast
 from gne_jax.probes.jacobian import jacobian_operators, output_shape
 from gne_jax.probes.stochtrace import (
     DISTRIBUTIONS,
@@ -230,9 +230,10 @@ def _moment_stats(a, b, out_finite, *, exact, eps):
     return (*stats, out_finite & jnp.isfinite(stats[0]) & jnp.isfinite(stats[1]))
 
 
-# One small program per (number of samples, dtype, method), shared by every function
-# probed eagerly: the statistics are not compiled again with each new structure.
-_moment_stats_jit = jax.jit(_moment_stats, static_argnames=("exact", "eps"))
+def _moments_program(fn, x, key, *, eps, **options):
+    """The eager program: samples, statistics and the finite flag in one executable."""
+    a, b, out_finite = _moment_samples(fn, x, key, **options)
+    return (a, b, *_moment_stats(a, b, out_finite, exact=options["method"] == "exact", eps=eps))
 
 
 def _moments_impl(fn, x, key, *, num_probes, method, dist, normalize, probe_chunk, stats=None):
@@ -282,10 +283,10 @@ def jacobian_moments(
     With J the m×n Jacobian, φ = Tr(JJᵀ)/m, φ₂ = Tr((JJᵀ)²)/m, ϕ = φ₂ − φ²: for probes v
     with E[vvᵀ] = I, u = Jᵀv gives E‖u‖² = Tr(JJᵀ) and E‖Ju‖² = Tr((JJᵀ)²).
 
-    Weights are data: an eager call traces ``fn`` (no compilation), turns the arrays it
-    closes over into arguments, and runs a program compiled once per structure
-    (``gne_jax.probes.compiled``). A new closure over new weights of the same
-    architecture (``lambda x: model.apply(new_params, x)``,
+    Weights are data: an eager call reads the structure of ``fn`` (its code and closures,
+    or else its trace), turns the arrays it closes over into arguments, and runs a
+    program compiled once per structure (``gne_jax.probes.compiled``). A new closure
+    over new weights of the same architecture (``lambda x: model.apply(new_params, x)``,
     ``functools.partial(model.apply, variables)``) compiles nothing new, and no weight
     or closure is kept alive by the cache.
 
@@ -322,7 +323,7 @@ def jacobian_moments(
     f = fn if params is None else functools.partial(fn, params)
     eager = is_concrete((x, key, params))
     if eager:
-        structure, consts = hoist(f, x, argname="fn")
+        structure, consts = hoist_fast(f, x, argname="fn")
         out_struct = structure.out_shape
     else:
         out_struct = output_shape(f, x)
@@ -337,15 +338,14 @@ def jacobian_moments(
             )
     if not eager or not is_concrete(consts):  # under an outer jit/vmap/grad: inline
         return _moments_impl(f, x, key, **options)
-    prog = compiled.program(_moment_samples, tuple(sorted(options.items())), (structure,))
-    a, b, out_finite = prog([consts], x, key)
+    static = tuple(sorted(options.items())) + (("eps", _eps(x, out_struct)),)
+    prog = compiled.program(_moments_program, static, (structure,))
+    a, b, *moments, finite = prog([consts], x, key)
     sizes = _sizes(f, x, normalize, out_struct)
-    *moments, finite = _moment_stats_jit(a, b, out_finite, exact=method == "exact",
-                                         eps=_eps(x, out_struct))
     result = JacobianMoments(*moments, a, b, 0 if method == "exact" else num_probes,
                              *sizes[:3], finite)
     if not bool(result.finite):
-        raise_non_finite(structure.bind(consts), x)
+        raise_non_finite(f, x)
     return result
 
 
