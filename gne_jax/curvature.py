@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import struct
 from flax.core import FrozenDict
 
-from gne_jax._tree import is_concrete, path_names
+from gne_jax._tree import is_concrete, path_names, tree_size
 from gne_jax._validate import (
     check_choice,
     check_float_tree,
@@ -58,7 +58,7 @@ from gne_jax.linalg.spectral import (
     _finish,
 )
 from gne_jax.probes import compiled
-from gne_jax.probes.compiled import AbstractTree
+from gne_jax.probes.compiled import AbstractTree, probe_compiler_options
 from gne_jax.probes.stochtrace import (
     DISTRIBUTIONS,
     TraceEstimate,
@@ -371,12 +371,13 @@ def hessian_eigenpairs(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
     key = check_key(key)
     eigh_extreme(num_steps, num_eigs, which=which)  # validates the options
     spec = _hoisted_loss(loss_fn, params)
-    check_num_steps(num_steps, ravel_like(params)[0].shape[0])
+    check_num_steps(num_steps, tree_size(params))
     opts = dict(num_steps=num_steps, num_eigs=num_eigs, which=which, reortho="full",
                 check_symmetry=bool(check_symmetry))
     if not is_concrete((params, key)):
         return _hessian_eig_program(loss_fn, params, key, **opts)[0]
-    result, sym = compiled.call(_hessian_eig_program, opts, [spec], (params, key))
+    result, sym = compiled.call(_hessian_eig_program, opts, [spec], (params, key),
+                                compiler_options=probe_compiler_options())
     raise_if_asymmetric(sym)
     raise_if_nonfinite(result.num_finite_steps, num_steps, "Hessian-vector product")
     return result
@@ -404,11 +405,12 @@ def hessian_density(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
     opts = dict(num_steps=num_steps, num_probes=num_probes, num_grid=num_grid,
                 log_scale=bool(log_scale), dist=dist, reortho=reortho, probe_chunk=probe_chunk,
                 check_symmetry=bool(check_symmetry))
-    _check_density_options(sigma=sigma, rel_sigma=rel_sigma, n=ravel_like(params)[0].shape[0],
+    _check_density_options(sigma=sigma, rel_sigma=rel_sigma, n=tree_size(params),
                            **{k: opts[k] for k in ("num_steps", "num_probes", "num_grid", "dist",
                                                    "reortho", "probe_chunk")})
     arrays = _density_arrays(sigma, rel_sigma, grid, log_floor)
     if not is_concrete((params, key, arrays)):
         return _hessian_density_program(loss_fn, params, key, arrays, **opts)[0]
-    result, sym = compiled.call(_hessian_density_program, opts, [spec], (params, key, arrays))
+    result, sym = compiled.call(_hessian_density_program, opts, [spec], (params, key, arrays),
+                                compiler_options=probe_compiler_options())
     return _finish(result, sym, "Hessian-vector product (hessian_density)")

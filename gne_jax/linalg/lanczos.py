@@ -49,12 +49,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from gne_jax._tree import is_concrete
+from gne_jax._tree import is_concrete, tree_size
 from gne_jax._validate import check_key, legacy_key
 from gne_jax.probes import compiled
-from gne_jax.probes.compiled import AbstractTree
+from gne_jax.probes.compiled import AbstractTree, probe_compiler_options
 from gne_jax.probes.stochtrace import rademacher
 
 Array = jax.Array
@@ -214,7 +215,7 @@ def raise_if_asymmetric(stats, rtol: float | None = None) -> None:
     s, t, scale = stats
     if rtol is None:
         rtol = 10.0 * math.sqrt(float(jnp.finfo(jnp.result_type(s)).eps))
-    if not (bool(jnp.isfinite(s)) and bool(jnp.isfinite(t))):
+    if not (math.isfinite(float(s)) and math.isfinite(float(t))):
         raise ValueError("matvec returned non-finite values on the symmetry check vectors")
     gap = abs(float(s) - float(t))
     if gap > rtol * float(scale):
@@ -278,7 +279,7 @@ def lanczos_tridiag(
             return _decompose(matvec, v0, **opts)
         # eagerly: one program per structure of the matvec (its arrays are data)
         return compiled.call(_decompose, opts, [(matvec, (AbstractTree(v0).tree(),), "matvec")],
-                             (v0,))
+                             (v0,), compiler_options=probe_compiler_options())
 
     return decompose
 
@@ -412,9 +413,9 @@ def raise_if_nonfinite(num_finite_steps, num_steps: int, what: str = "matvec") -
     """
     if not is_concrete(num_finite_steps):
         return
-    nfin = jnp.asarray(num_finite_steps)
-    if bool(jnp.any(nfin < num_steps)):
-        first = int(jnp.min(nfin))
+    nfin = np.asarray(num_finite_steps)  # host values: no eager program to compile
+    if bool(np.any(nfin < num_steps)):
+        first = int(np.min(nfin))
         raise ValueError(
             f"{what} produced a non-finite value (NaN or inf) at Lanczos step {first} "
             f"of {num_steps}; the iteration was stopped there. Check the operator (overflow, "
@@ -489,14 +490,14 @@ def eigh_extreme(
     def estimate(matvec, like, legacy_like=None, /, *, key=None) -> EigenResult:
         like, key = legacy_key(like, legacy_like, key)
         key = check_key(key)
-        n = ravel_like(like)[0].shape[0]
-        check_num_steps(num_steps, n)
+        check_num_steps(num_steps, tree_size(like))
         abstract = AbstractTree(like)
         if not is_concrete((like, key)):
             result, _ = _eigh_extreme(matvec, key, like=abstract, **opts)
             return result
         result, sym = compiled.call(_eigh_extreme, dict(like=abstract, **opts),
-                                    [(matvec, (abstract.tree(),), "matvec")], (key,))
+                                    [(matvec, (abstract.tree(),), "matvec")], (key,),
+                                    compiler_options=probe_compiler_options())
         raise_if_asymmetric(sym)
         raise_if_nonfinite(result.num_finite_steps, num_steps)
         return result
@@ -520,10 +521,10 @@ def _eigh_extreme(matvec, key, *, like, num_steps, num_eigs, which, reortho, che
     big = jnp.finfo(rz.values.dtype).max
     lo = jnp.where(rz.valid, rz.values, big)
     hi = jnp.where(rz.valid, rz.values, -big)
-    if which == "largest":
-        idx = jnp.argsort(-hi)[:num_eigs]
+    if which == "largest":  # (one eigenpair: argmax, the first index of the max, as argsort)
+        idx = jnp.argmax(hi)[None] if num_eigs == 1 else jnp.argsort(-hi)[:num_eigs]
     elif which == "smallest":
-        idx = jnp.argsort(lo)[:num_eigs]
+        idx = jnp.argmin(lo)[None] if num_eigs == 1 else jnp.argsort(lo)[:num_eigs]
     else:
         idx = jnp.concatenate([jnp.argsort(lo)[:num_eigs], jnp.argsort(-hi)[:num_eigs][::-1]])
     y = rz.vectors[:, idx]  # (k, m)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from gne_jax._tree import is_concrete
+from gne_jax._tree import is_concrete, tree_size
 from gne_jax._validate import (
     check_choice,
     check_float_tree,
@@ -60,7 +60,7 @@ from gne_jax.linalg.lanczos import (
     worst_symmetry_pair,
 )
 from gne_jax.probes import compiled
-from gne_jax.probes.compiled import AbstractTree, hoist_fast
+from gne_jax.probes.compiled import AbstractTree, hoist_fast, probe_compiler_options
 from gne_jax.probes.stochtrace import (
     DISTRIBUTIONS,
     TraceEstimate,
@@ -230,7 +230,7 @@ def slq_nodes(
     check_positive_int(num_probes, "num_probes")
     check_choice(dist, "dist", DISTRIBUTIONS)
     key = check_key(key)
-    check_num_steps(num_steps, ravel_like(like)[0].shape[0])
+    check_num_steps(num_steps, tree_size(like))
     return _slq(matvec, like, key, num_steps=num_steps, num_probes=num_probes, dist=dist,
                 reortho=reortho, probe_chunk=probe_chunk)[:4]
 
@@ -377,7 +377,7 @@ def spectral_density(
     key = check_key(key)
     probe_chunk = renamed_argument(probe_chunk, chunk_size, new="probe_chunk",
                                    old="chunk_size", default=None)
-    n = ravel_like(like)[0].shape[0]
+    n = tree_size(like)
     opts = dict(num_steps=num_steps, num_probes=num_probes, num_grid=num_grid,
                 log_scale=bool(log_scale), dist=dist, reortho=reortho, probe_chunk=probe_chunk,
                 check_symmetry=bool(check_symmetry))
@@ -389,7 +389,8 @@ def spectral_density(
     if not is_concrete((like, key, arrays)):
         return _density(matvec, key, arrays, abstract.tree(), **opts)[0]
     result, sym = compiled.call(_density_program, dict(like=abstract, **opts),
-                                [(matvec, (abstract.tree(),), "matvec")], (key, arrays))
+                                [(matvec, (abstract.tree(),), "matvec")], (key, arrays),
+                                compiler_options=probe_compiler_options())
     return _finish(result, sym, "matvec (spectral_density)")
 
 
@@ -438,7 +439,7 @@ def jacobian_spectral_density(
     if not is_concrete((x, key, arrays)):
         return _jacobian_density_program(fn, x, key, arrays, **opts)[0]
     result, sym = compiled.call(_jacobian_density_program, opts, [(fn, (x,), "fn")],
-                                (x, key, arrays))
+                                (x, key, arrays), compiler_options=probe_compiler_options())
     return _finish(result, sym, "JJᵀ (jacobian_spectral_density)")
 
 

@@ -27,6 +27,7 @@ from gne_jax._tree import is_concrete
 from gne_jax._validate import check_input_tree, check_key, check_positive_int
 from gne_jax.probes import compiled
 from gne_jax.probes.blocks import BlockGroup, compose_blocks, single_block
+from gne_jax.probes.compiled import probe_compiler_options
 from gne_jax.probes.moments import JacobianMoments, check_moment_options, jacobian_moments
 
 PyTree = Any
@@ -307,19 +308,6 @@ def _measure(model, variables, x, key, train, kw):
 def _measure_jit(platform):
     return jax.jit(_measure, static_argnums=(0, 4, 5),
                    compiler_options=probe_compiler_options(platform))
-
-
-def probe_compiler_options(platform: str | None = None) -> dict[str, Any] | None:
-    """XLA options for the probe programs: LLVM ``-O1`` on CPU, none elsewhere.
-
-    Probe programs of small conv nets are compile-bound on CPU. Their heavy ops (convs,
-    matmuls) are library calls that LLVM's optimization level does not touch, so ``-O1``
-    compiles the 32-layer CNN's measurement 1.3–1.5× and its init 2.4–3× faster; run
-    time moved between 14% faster (CNN) and 5–12% slower (MLP, width 256)
-    (``benchmarks/probe_job_cost.py``).
-    """
-    platform = platform or jax.default_backend()
-    return {"xla_backend_optimization_level": 1} if platform == "cpu" else None
 
 
 def chain_blocks(named_fns: Sequence[tuple[str, Callable]], x: PyTree) -> list[BlockGroup]:
