@@ -80,8 +80,14 @@ def run_sweep(
 
     Every variant uses the same ``key`` (same init and probe keys), so differences
     between variants are not sampling noise of different seeds. ``progress(iterable,
-    total, desc)`` may wrap the compile and measure loops (e.g. with tqdm). The other
-    options are those of ``ensemble_block_moments``.
+    total, desc)`` may wrap the tracing, compiling and measuring loops (e.g. with tqdm).
+    The other options are those of ``ensemble_block_moments``.
+
+    The three phases overlap: XLA compiles the programs of earlier variants while
+    later ones are traced, and a variant is measured (in a thread of its own, in
+    order) as soon as its programs are compiled, while the rest still compile. Each
+    variant runs the same executables on the same keys as it would alone, so the
+    numbers do not depend on the overlap.
     """
     ensemble_kw = dict(train=train, init_chunk=init_chunk, mesh=mesh,
                        compiler_options=compiler_options, num_probes=num_probes, method=method,
@@ -96,13 +102,50 @@ def run_sweep(
         models.append((label, overrides, cfg, create_model(cfg)))
     plans = [plan_ensemble(m, x, key=key, num_inits=num_inits, **ensemble_kw)
              for *_, m in models]
-    compiled = compile_plans(plans, progress=progress, max_threads=max_compile_threads)
-    points = []
+    results = _compile_and_run(plans, progress=progress, max_threads=max_compile_threads)
+    return [SweepPoint(label, overrides, cfg, r)
+            for (label, overrides, cfg, _), r in zip(models, results, strict=True)]
+
+
+def _lower_and_submit(plans, pool, progress, by_text) -> Iterable[list]:
+    """Lowers each plan's programs (in Python, in order) and submits each distinct one to
+    ``pool`` for compilation; yields each plan's compile futures as soon as submitted."""
+    for plan in progress(plans, len(plans), "tracing"):
+        futures = []
+        for lowered in plan.lower():
+            digest = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+            if digest not in by_text:
+                by_text[digest] = pool.submit(lowered.compile)
+            futures.append(by_text[digest])
+        yield futures
+
+
+def _workers(plans, max_threads) -> int:
+    return max(1, min(2 * len(plans), os.cpu_count() or 1, max_threads))
+
+
+def _run_when_compiled(plan, futures) -> BlockMoments:
+    return run_plan(plan, tuple(f.result() for f in futures))
+
+
+def _compile_and_run(plans, *, progress=None, max_threads=8) -> list[BlockMoments]:
+    """Every plan's result: lowered in order, compiled in a pool, each measured as soon as
+    its programs are compiled (one measuring thread, in plan order)."""
     progress = progress or (lambda it, total, desc: it)
-    it = zip(models, plans, compiled, strict=True)
-    for (label, overrides, cfg, _), plan, exe in progress(it, len(plans), "measuring"):
-        points.append(SweepPoint(label, overrides, cfg, run_plan(plan, exe)))
-    return points
+    by_text: dict[str, concurrent.futures.Future] = {}
+    compile_pool = concurrent.futures.ThreadPoolExecutor(_workers(plans, max_threads))
+    run_pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        runs = [run_pool.submit(_run_when_compiled, plan, futures) for plan, futures in
+                zip(plans, _lower_and_submit(plans, compile_pool, progress, by_text),
+                    strict=True)]
+        done = concurrent.futures.as_completed(by_text.values())
+        for _ in progress(done, len(by_text), "compiling"):
+            pass
+        return [f.result() for f in progress(runs, len(runs), "measuring")]
+    finally:  # on an error, queued work is dropped (running work ends on its own)
+        run_pool.shutdown(cancel_futures=True)
+        compile_pool.shutdown(cancel_futures=True)
 
 
 def compile_plans(
@@ -120,18 +163,9 @@ def compile_plans(
     the other cores while later ones are lowered.
     """
     progress = progress or (lambda it, total, desc: it)
-    workers = max(1, min(2 * len(plans), os.cpu_count() or 1, max_threads))
     by_text: dict[str, concurrent.futures.Future] = {}
-    per_plan = []
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for plan in progress(plans, len(plans), "tracing"):
-            futures = []
-            for lowered in plan.lower():
-                digest = hashlib.sha256(lowered.as_text().encode()).hexdigest()
-                if digest not in by_text:
-                    by_text[digest] = pool.submit(lowered.compile)
-                futures.append(by_text[digest])
-            per_plan.append(futures)
+    with concurrent.futures.ThreadPoolExecutor(_workers(plans, max_threads)) as pool:
+        per_plan = list(_lower_and_submit(plans, pool, progress, by_text))
         done = concurrent.futures.as_completed(by_text.values())
         for _ in progress(done, len(by_text), "compiling"):
             pass
