@@ -1,9 +1,11 @@
 """Where the probe job's time goes, and what LLVM -O1 buys on CPU, measured in one run.
 
 1. The quickstart sweep (``configs/probe/quickstart.py``: 12 variants of the 32-layer
-   serial CNN, 4 inits each): seconds spent tracing/lowering, compiling (the distinct
-   programs only: variants that differ only in their initializer share the measurement)
-   and measuring, and the number of programs before and after deduplication.
+   serial CNN, 4 inits each): seconds spent tracing/lowering, then waiting for the
+   compiles (the distinct programs only: variants that differ only in their initializer
+   share the measurement), then waiting for the measurements still running (each
+   variant is measured as soon as its programs are compiled), and the number of
+   programs before and after deduplication.
 2. Compile and run time of one variant's measurement program (ReLU, batch norm) and of
    a run-bound MLP ensemble (width 256, depth 32, 8 inits, 16 probes), with the probe
    programs' CPU option (``xla_backend_optimization_level=1``) over XLA's default.
@@ -36,7 +38,7 @@ def sweep_phases(c):
     x = c.input_scale * jax.random.normal(jax.random.key(0), tuple(c.input_shape))
     seconds, counts = {}, {}
 
-    def progress(it, total, desc):  # tracing's compiles run alongside; "compiling" waits
+    def progress(it, total, desc):  # the phases overlap: each entry is the wait after the last
         counts[desc] = total
         t = time.perf_counter()
         yield from it
@@ -47,9 +49,10 @@ def sweep_phases(c):
                        init_chunk=c.init_chunk, num_probes=c.num_probes, method=c.method)
     print(f"quickstart sweep: {len(points)} variants, {2 * len(points)} programs, "
           f"{counts['compiling']} distinct compiled")
-    print(f"  tracing {seconds['tracing']:.1f} s (compiles run alongside), tracing + "
-          f"compiling {seconds['tracing'] + seconds['compiling']:.1f} s, measuring "
-          f"{seconds['measuring']:.1f} s")
+    traced_and_compiled = seconds["tracing"] + seconds["compiling"]
+    print(f"  tracing {seconds['tracing']:.1f} s (compiles and measurements of earlier "
+          f"variants run alongside), tracing + compiling {traced_and_compiled:.1f} s, "
+          f"then measurements still running {seconds['measuring']:.1f} s")
 
 
 def compile_both(fn, args):

@@ -6,7 +6,8 @@ Prints, for a tanh MLP (depth × width, one input vector, K Rademacher probes):
   probes and computes ‖Jᵀv‖², ‖JJᵀv‖² by vmap(VJP; JVP): first call minus a warm call, and
   the XLA backend compile durations (JAX monitoring events) of each program;
 * a call at a new weight state through a new closure (``lambda x: apply(new_params, x)``)
-  over the raw jitted probe called with the new parameters as arguments (median of N);
+  over the raw jitted probe called with the new parameters as arguments (medians of 3
+  rounds over N states, the two timed alternately);
 * how many programs N such calls compiled (JAX monitoring events);
 * eager ``hessian_eigenpairs`` top-1 against a PyHessian-style power iteration in plain
   JAX (a jitted HVP called from a Python loop until the Rayleigh quotient changes by less
@@ -120,10 +121,15 @@ def main():
     c_ours, w_ours = first_minus_warm(lambda: ours(states[0]))
     xla_ours = list(events)
     events.clear()
-    t_ours = np.median([elapsed(ours, s) for s in states[2:]])
+    # interleaved (ours, raw) at each new state, three rounds: load drift hits both alike
+    times = {"ours": [], "raw": []}
+    for _ in range(3):
+        for s in states[2:]:
+            times["ours"].append(elapsed(ours, s))
+            times["raw"].append(elapsed(raw, s, x, key))
     n_compiled = len(events)
     jax.monitoring.unregister_event_duration_listener(listener)
-    t_raw = np.median([elapsed(raw, s, x, key) for s in states[2:]])
+    t_ours, t_raw = np.median(times["ours"]), np.median(times["raw"])
     phi_ours, phi_raw = float(ours(states[1])), float(raw(states[1], x, key)[0])
 
     print(f"# device: {jax.devices()[0].device_kind} ({platform.machine()}), jax {jax.__version__}")
@@ -131,13 +137,13 @@ def main():
     print(f"first call minus warm call (trace + compile): jacobian_moments {c_ours:.2f} s, "
           f"raw {c_raw:.2f} s, ratio {c_ours / c_raw:.2f}")
     print(f"XLA backend compiles: jacobian_moments {[round(d, 2) for d in xla_ours]} s "
-          f"(the probe program, then the statistics program shared by all structures), raw "
+          f"(one program: probes and statistics), raw "
           f"{[round(d, 2) for d in xla_raw]} s; probe program / raw "
           f"{max(xla_ours) / max(xla_raw):.2f}, all / raw {sum(xla_ours) / sum(xla_raw):.2f}")
     print(f"call at a new weight state (new closure): {t_ours * 1e3:.1f} ms, raw jitted "
           f"{t_raw * 1e3:.1f} ms, ratio {t_ours / t_raw:.2f} "
           f"(warm same-state calls: {w_ours * 1e3:.1f} / {w_raw * 1e3:.1f} ms)")
-    print(f"programs compiled over {a.states} new weight states: {n_compiled}")
+    print(f"programs compiled over {3 * a.states} calls at new weight states: {n_compiled}")
     print(f"phi: ours {phi_ours:.5f}, raw {phi_raw:.5f} (independent probe draws)")
 
     # eager Hessian top eigenvalue vs PyHessian-style power iteration

@@ -151,7 +151,6 @@ def test_resident_memory_is_flat_over_new_weight_states():
     assert grown < 100, f"resident memory grew by {grown:.0f} MiB over 20 calls"
 
 
-@pytest.mark.slow
 def test_resident_memory_is_flat_over_100_weight_states_of_64_mb():
     grown = _memory_growth_mb(4096, 100)  # 64 MiB per weight: 6.4 GiB if they were kept
     assert grown < 200, f"resident memory grew by {grown:.0f} MiB over 100 calls"
