@@ -137,7 +137,7 @@ def main():
     print(f"first call minus warm call (trace + compile): jacobian_moments {c_ours:.2f} s, "
           f"raw {c_raw:.2f} s, ratio {c_ours / c_raw:.2f}")
     print(f"XLA backend compiles: jacobian_moments {[round(d, 2) for d in xla_ours]} s "
-          f"(one program: probes and statistics), raw "
+          f"(the probe program, then the statistics program shared by all structures), raw "
           f"{[round(d, 2) for d in xla_raw]} s; probe program / raw "
           f"{max(xla_ours) / max(xla_raw):.2f}, all / raw {sum(xla_ours) / sum(xla_raw):.2f}")
     print(f"call at a new weight state (new closure): {t_ours * 1e3:.1f} ms, raw jitted "

@@ -230,10 +230,11 @@ def _moment_stats(a, b, out_finite, *, exact, eps):
     return (*stats, out_finite & jnp.isfinite(stats[0]) & jnp.isfinite(stats[1]))
 
 
-def _moments_program(fn, x, key, *, eps, **options):
-    """The eager program: samples, statistics and the finite flag in one executable."""
-    a, b, out_finite = _moment_samples(fn, x, key, **options)
-    return (a, b, *_moment_stats(a, b, out_finite, exact=options["method"] == "exact", eps=eps))
+# One small program per (number of samples, dtype, method), shared by every function
+# probed eagerly: the statistics are not compiled again with each new structure (fused
+# into the probe program they add 10-25% to its compile time, for every structure; apart,
+# they cost one more dispatch, about 0.1 ms).
+_moment_stats_jit = jax.jit(_moment_stats, static_argnames=("exact", "eps"))
 
 
 def _moments_impl(fn, x, key, *, num_probes, method, dist, normalize, probe_chunk, stats=None):
@@ -338,9 +339,10 @@ def jacobian_moments(
             )
     if not eager or not is_concrete(consts):  # under an outer jit/vmap/grad: inline
         return _moments_impl(f, x, key, **options)
-    static = tuple(sorted(options.items())) + (("eps", _eps(x, out_struct)),)
-    prog = compiled.program(_moments_program, static, (structure,))
-    a, b, *moments, finite = prog([consts], x, key)
+    prog = compiled.program(_moment_samples, tuple(sorted(options.items())), (structure,))
+    a, b, out_finite = prog([consts], x, key)
+    *moments, finite = _moment_stats_jit(a, b, out_finite, exact=method == "exact",
+                                         eps=_eps(x, out_struct))
     sizes = _sizes(f, x, normalize, out_struct)
     result = JacobianMoments(*moments, a, b, 0 if method == "exact" else num_probes,
                              *sizes[:3], finite)
