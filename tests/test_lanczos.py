@@ -200,3 +200,31 @@ def test_traced_program_does_not_grow_with_num_steps():
         )
         sizes.append(_count_eqns(jaxpr.jaxpr))
     assert sizes[0] == sizes[1]
+
+
+def test_symmetry_stats_from_the_loop_match_the_basis():
+    """The loop's (s, t) pair is the worst of q_{j-1}ᵀAq_j vs q_jᵀAq_{j-1}, computed here
+    from the returned basis; tiny for a symmetric A, O(1) relative for a non-symmetric one."""
+    from gne_jax.linalg.lanczos import _lanczos_flat
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        sym = _sym(12, 4)
+        skew = rng.standard_normal((12, 12))
+        v = jnp.asarray(rng.standard_normal(12))
+        for a, symmetric in ((sym, True), (sym + 0.5 * (skew - skew.T), False)):
+            a = jnp.asarray(a)
+            res, (s, t, scale) = _lanczos_flat(lambda q, a=a: a @ q, v, 8, "full", None,
+                                               symmetry=True)
+            q = np.asarray(res.basis)
+            g = q @ np.asarray(a) @ q.T  # g[i, j] = q_iᵀ A q_j
+            av = np.linalg.norm(np.asarray(a) @ q.T, axis=0)
+            pairs = [(g[j - 1, j], g[j, j - 1], 0.5 * (av[j] + av[j - 1])) for j in range(1, 8)]
+            gaps = [abs(p - r) / c for p, r, c in pairs]
+            worst = pairs[int(np.argmax(gaps))]
+            np.testing.assert_allclose([float(s), float(t), float(scale)], worst, rtol=1e-8,
+                                       atol=1e-10)
+            if symmetric:
+                assert max(gaps) < 1e-12
+            else:
+                assert max(gaps) > 0.05

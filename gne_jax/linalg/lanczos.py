@@ -469,8 +469,10 @@ def eigh_extreme(
     Extreme Ritz values converge first; ``residual_norms`` says how far:
     some eigenvalue of A lies in [θ − r, θ + r].
 
-    Eagerly (concrete ``like``), the matvec is checked for symmetry (two extra
-    matvecs, ``check_symmetry=False`` to skip) and a non-finite value raises
+    Eagerly (concrete ``like``), the matvec is checked for symmetry
+    (q_{j-1}ᵀAq_j against q_jᵀAq_{j-1} = β_{j-1} along the run itself, no extra matvec;
+    two extra matvecs when ``num_steps`` is 1; ``check_symmetry=False`` to skip) and a
+    non-finite value raises
     ``ValueError``; under ``jit``/``vmap`` neither check can raise: read
     ``num_finite_steps`` (== num_steps when all went well). Eagerly, the matvec's
     arrays are data: a new matvec of the same structure compiles nothing new.

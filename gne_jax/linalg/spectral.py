@@ -365,7 +365,9 @@ def spectral_density(
         ``clipped_mass``.
       dist, reortho, probe_chunk: probe distribution, Lanczos reorthogonalization
         ("full" or "none"), probes per ``lax.map`` chunk (None: vmap all).
-      check_symmetry: test the matvec for symmetry (two matvecs; raises eagerly only).
+      check_symmetry: test the matvec for symmetry (from the Lanczos runs themselves,
+        q_{j-1}ᵀAq_j against β_{j-1}, with no extra matvec; two matvecs when
+        ``num_steps`` is 1; raises eagerly only).
       chunk_size: deprecated name of ``probe_chunk``.
 
     Returns:
