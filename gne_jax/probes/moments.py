@@ -237,9 +237,13 @@ def _moment_stats(a, b, out_finite, *, exact, eps):
 _moment_stats_jit = jax.jit(_moment_stats, static_argnames=("exact", "eps"))
 
 
-def _moments_impl(fn, x, key, *, num_probes, method, dist, normalize, probe_chunk, stats=None):
-    """The measurement itself (traceable; no checks, no compilation of its own)."""
-    sizes = _sizes(fn, x, normalize)
+def _moments_impl(fn, x, key, *, num_probes, method, dist, normalize, probe_chunk, stats=None,
+                  out_struct=None):
+    """The measurement itself (traceable; no checks, no compilation of its own).
+
+    ``out_struct``: the output's ShapeDtypeStructs when the caller has them (saves a trace).
+    """
+    sizes = _sizes(fn, x, normalize, out_struct)
     a, b, out_finite = _moment_samples(fn, x, key, num_probes=num_probes, method=method,
                                        dist=dist, normalize=normalize, probe_chunk=probe_chunk)
     eps = _eps(x, sizes[3])
@@ -338,7 +342,7 @@ def jacobian_moments(
                 f"the limit."
             )
     if not eager or not is_concrete(consts):  # under an outer jit/vmap/grad: inline
-        return _moments_impl(f, x, key, **options)
+        return _moments_impl(f, x, key, **options, out_struct=out_struct)
     prog = compiled.program(_moment_samples, tuple(sorted(options.items())), (structure,))
     a, b, out_finite = prog([consts], x, key)
     *moments, finite = _moment_stats_jit(a, b, out_finite, exact=method == "exact",
