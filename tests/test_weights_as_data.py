@@ -380,3 +380,12 @@ def test_fast_path_never_shares_a_program_between_different_functions():
         np.testing.assert_allclose(phi, _exact_phi(f, x), rtol=1e-5)
     assert abs(sin_phi - _exact_phi(lambda z: jnp.sin(z @ w1), x)) <= 1e-5 * sin_phi
     assert abs(phis[5] - sin_phi) > 1e-3  # the redefined helper was not served the old program
+    # a user's module whose attribute is reassigned between calls (same identity)
+    cfg = types.ModuleType("user_config")
+    cfg.scale = 2.0
+    ns = {"jnp": jnp, "cfg": cfg}
+    exec("def make(w):\n    return lambda z: cfg.scale * jnp.tanh(z @ w)\n", ns)
+    for scale in (2.0, 3.0):
+        cfg.scale = scale
+        f = ns["make"](w1)
+        np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5)

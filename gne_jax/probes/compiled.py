@@ -37,8 +37,9 @@ arrays. So the first call of a description traces once and records that map from
 arrays to constants; later calls only collect the arrays, and run the program of the
 traced ``Structure`` (shared with every other form of the same computation). Anything
 the description cannot vouch for — a NumPy array or an unknown object in a closure, a
-global array, a closure over a tracer, a recursive closure, a constant made while
-tracing — falls back to tracing. Library functions (jax, flax, numpy, this package...)
+global array, a global module or class of the user's (its attributes may be reassigned),
+a closure over a tracer, a recursive closure, a constant made while tracing — falls back
+to tracing. Library functions (jax, flax, numpy, this package...)
 without closures are compared by identity: like ``jax.jit``, a redefinition of a
 helper that a *library* function calls is not noticed. A user's global function is
 described by its own code and globals, so redefining it, or any user function it
@@ -143,6 +144,8 @@ _LIBRARY_ROOTS = frozenset({  # functions without closures here are compared by 
     "jax", "jaxlib", "flax", "numpy", "scipy", "optax", "chex", "einops", "ml_collections",
     "gne_jax", "builtins", "functools", "operator", "math", "itertools", "collections",
 })
+
+
 @functools.lru_cache(maxsize=4096)
 def _global_names(code: types.CodeType) -> tuple[str, ...]:
     """Every name ``code`` (and the code objects nested in it) may look up as a global."""
@@ -154,7 +157,9 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
 
 
 def _is_library(obj) -> bool:
-    module = getattr(obj, "__module__", None) or ""
+    """Whether ``obj`` (a function, class or module) belongs to a library package."""
+    module = obj.__name__ if isinstance(obj, types.ModuleType) else (
+        getattr(obj, "__module__", None) or "")
     return module.partition(".")[0] in _LIBRARY_ROOTS
 
 
@@ -176,7 +181,7 @@ def _static_object(v) -> bool:
 
 
 class _Describer:
-    """Reads a callable's structure; ``leaves`` collects its arrays (see ``describe``)."""
+    """Reads a callable's structure; ``leaves`` collects its arrays (see ``callable``)."""
 
     MAX_NODES = 256  # callables visited at most, before falling back to tracing
 
@@ -189,7 +194,7 @@ class _Describer:
         if isinstance(v, jax.core.Tracer):
             raise _Fallback
         if isinstance(v, jax.Array):
-            if not arrays:  # a global array: the rebuilt function could not take it
+            if not arrays:  # a global array is read by name, not passed: trace instead
                 raise _Fallback
             self.leaves.append(v)
             return ("array", v.shape, v.dtype, bool(getattr(v, "weak_type", False)))
@@ -202,6 +207,10 @@ class _Describer:
         if isinstance(v, np.dtype):
             return ("const", np.dtype, v)
         if isinstance(v, (types.ModuleType, type)):
+            # a library module or class by identity; a user's module or class could have
+            # its attributes reassigned (``cfg.scale = 2``) under the same identity: trace
+            if not _is_library(v):
+                raise _Fallback
             return ("id", _Ref(v))
         if isinstance(v, (types.FunctionType, functools.partial, types.MethodType)):
             return self.callable(v, arrays)
@@ -283,7 +292,7 @@ def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
         leaves = describer.leaves
         key = (spec, _alias_pattern(leaves), _aval_key(example_args))
         hash(key)
-    except (_Fallback, TypeError):
+    except Exception:  # noqa: BLE001 - _Fallback, an unhashable value, an odd object: trace
         return hoist(fn, *example_args, argname=argname, inputs=inputs)
     with _LOCK:
         entry = _FAST.get(key)
