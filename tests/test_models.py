@@ -524,3 +524,23 @@ def test_full_size_models_compose(config, size):
     num_classes = default_config(config["name"]).num_classes
     _check_model(config, num_classes, x)
     assert model.num_classes == num_classes
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_initializer_fields_do_not_change_what_apply_computes(name):
+    """Ensembles measure ``_applied_model(model)`` (the init scheme's fields at their class
+    defaults), so variants that differ only in their initializer share one measurement
+    program: that is sound only if ``apply`` and ``blocks`` never read those fields."""
+    from gne_jax.probes.ensemble import _applied_model
+
+    init = "kaiming_normal" if name == "resnet50" else "orthogonal"  # resnet50: Kaiming only
+    model = create_model(dict(TINY[name], init=init, head_init="orthogonal"))
+    applied = _applied_model(model)
+    assert (applied.init_name, applied.head_init) == ("kaiming_normal", "kaiming_normal")
+    other = create_model(dict(TINY[name], init="kaiming_normal", head_init="kaiming_normal"))
+    assert applied == _applied_model(other) and hash(applied) == hash(_applied_model(other))
+    x = _input(name)
+    variables = _init(model, x)
+    for got, want in zip(_outputs(applied, variables, x), _outputs(model, variables, x),
+                         strict=True):
+        jax.tree.map(np.testing.assert_array_equal, got, want)

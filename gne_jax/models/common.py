@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -516,6 +516,11 @@ class BlockModel(nn.Module):
 
 class Classifier(BlockModel):
     """A :class:`BlockModel` with the fields every family has (:func:`classifier_kwargs`)."""
+
+    #: Fields read only by the kernel initializers (``model.init``), never by ``apply``:
+    #: ensembles measure a model with these at their defaults, so variants that differ
+    #: only in them share one traced and compiled measurement (`gne_jax.probes.ensemble`).
+    init_only_fields: ClassVar[tuple[str, ...]] = ("init_name", "head_init")
 
     num_classes: int | None = 10
     act_spec: ActivationSpec = ActivationSpec()

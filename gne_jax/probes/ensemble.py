@@ -155,9 +155,32 @@ def default_init_chunk(platform: str | None = None, num_params: int | None = Non
     return 1
 
 
+def _applied_model(model):
+    """``model`` with the fields only its initializers read (``init_only_fields``, e.g. the
+    init scheme's name) at their class defaults: what ``apply`` computes is unchanged, so
+    every variant that differs only in its initializer maps to one measured model."""
+    fields = getattr(type(model), "init_only_fields", ())
+    if not fields:
+        return model
+    return model.clone(**{f: getattr(type(model), f) for f in fields})
+
+
 def _init_size(model, x, key) -> tuple[int, bool]:
-    """(parameters per init, whether any kernel is a conv kernel) from an abstract init."""
-    shapes = jax.eval_shape(lambda k: model.init(k, x, train=False), key)
+    """(parameters per init, whether any kernel is a conv kernel) from an abstract init.
+
+    Parameter shapes do not depend on the initializer, so this is computed once per
+    ``_applied_model`` and input structure."""
+    avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)),
+                         (x, key))
+    leaves, treedef = jax.tree.flatten(avals)
+    return _abstract_init_size(_applied_model(model), treedef,
+                               tuple((a.shape, a.dtype) for a in leaves))
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_init_size(model, treedef, leaves) -> tuple[int, bool]:
+    x, key = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
+    shapes = jax.eval_shape(lambda k, x: model.init(k, x, train=False), key, x)
     params = shapes.get("params", shapes) if hasattr(shapes, "get") else shapes
     leaves = jax.tree.leaves(params)
     return sum(math.prod(a.shape) for a in leaves), any(a.ndim >= 4 for a in leaves)
@@ -204,7 +227,9 @@ def plan_ensemble(model, x, *, key, num_inits, train=False, init_chunk="auto", m
         raise TypeError("`compiler_options` must be 'auto', None or a dict of XLA options; "
                         f"got {compiler_options!r}.")
     opts = None if compiler_options is None else tuple(sorted(compiler_options.items()))
-    init, measure = _ensemble_fns(model, train, tuple(sorted(probe_kw.items())), mesh, opts)
+    fns_kw = (train, tuple(sorted(probe_kw.items())), mesh, opts)
+    init = _ensemble_fns(model, *fns_kw)[0]
+    measure = _ensemble_fns(_applied_model(model), *fns_kw)[1]
     return EnsemblePlan(init, measure, x, split(init_keys), split(probe_keys), num_inits,
                         sharding)
 
