@@ -221,10 +221,13 @@ def test_symmetry_stats_from_the_loop_match_the_basis():
             av = np.linalg.norm(np.asarray(a) @ q.T, axis=0)
             pairs = [(g[j - 1, j], g[j, j - 1], 0.5 * (av[j] + av[j - 1])) for j in range(1, 8)]
             gaps = [abs(p - r) / c for p, r, c in pairs]
-            worst = pairs[int(np.argmax(gaps))]
-            np.testing.assert_allclose([float(s), float(t), float(scale)], worst, rtol=1e-8,
-                                       atol=1e-10)
+            got = [float(s), float(t), float(scale)]
             if symmetric:
-                assert max(gaps) < 1e-12
+                # every gap is rounding noise, so which pair is "worst" is not determined
+                # (it differed between machines): the loop's pair is one of them, its gap tiny
+                assert any(np.allclose(got, p, rtol=1e-8, atol=1e-10) for p in pairs), got
+                assert max(gaps) < 1e-12 and abs(got[0] - got[1]) / got[2] < 1e-12
             else:
+                np.testing.assert_allclose(got, pairs[int(np.argmax(gaps))], rtol=1e-8,
+                                           atol=1e-10)
                 assert max(gaps) > 0.05
