@@ -32,15 +32,15 @@ from gne_jax.calibration import calibrate, lsuv
 def networks(size: str):
     small = size == "small"
     mlp = dict(depth=48 if small else 200, width=128 if small else 512)
-    cnn = dict(depth=26 if small else 98, widths=(8, 16, 16) if small else (16, 32, 64))
-    batch = 16 if small else 64
-    hw = 8 if small else 32
+    cnn = dict(depth=20 if small else 98, widths=(8, 16, 16) if small else (16, 32, 64))
+    batch = 64  # the calibration batch of experiment C1 (its sizes, small and paper)
+    hw, ch = (8, 1) if small else (32, 3)
     return [
         ("tanh MLP", {"name": "mlp", "activation": "tanh", **mlp}, (batch, 64)),
         ("ReLU MLP", {"name": "mlp", "activation": "relu", **mlp}, (batch, 64)),
-        ("ReLU CNN", {"name": "serial_cnn", "activation": "relu", **cnn}, (batch, hw, hw, 3)),
+        ("ReLU CNN", {"name": "serial_cnn", "activation": "relu", **cnn}, (batch, hw, hw, ch)),
         ("leaky ReLU CNN", {"name": "serial_cnn", "activation": "leaky_relu",
-                            "negative_slope": 0.18, **cnn}, (batch, hw, hw, 3)),
+                            "negative_slope": 0.18, **cnn}, (batch, hw, hw, ch)),
     ]
 
 
@@ -66,10 +66,19 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lsuv-only", action="store_true",
                     help="time only LSUV, with and without its orthonormal pre-init")
+    ap.add_argument("--blas-threads", type=int, default=None,
+                    help="limit the BLAS/LAPACK threads (threadpoolctl), as experiment C1 does "
+                         "with 1: on a 2-core CPU its QR threads fight XLA's")
     args = ap.parse_args()
+    if args.blas_threads:
+        import scipy.linalg  # noqa: F401  (loads the OpenBLAS that jaxlib's LAPACK uses)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=args.blas_threads, user_api="blas")
     print(f"# jax {jax.__version__} on {jax.default_backend()}, {platform.processor() or '?'}, "
           f"{os.cpu_count()} CPUs, size {args.size}; run = median of {args.repeats} calls on "
-          f"a second weight state (compiled); wall / CPU seconds")
+          f"a second weight state (compiled); wall / CPU seconds; BLAS threads "
+          f"{args.blas_threads or 'default'}")
     print("| network | blocks | calibrate first call | calibrate run | VJP+JVP pairs "
           "| pairs / block | max iterations | LSUV first call | LSUV run "
           "| LSUV block forwards | CPU time calibrate / LSUV |")
