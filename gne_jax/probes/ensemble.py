@@ -5,7 +5,7 @@ vmapped over PRNG keys and probes each (``block_moments``) vmapped over the
 resulting variables. Init and measurement are two jitted programs run per chunk
 of ``init_chunk`` inits, so only one chunk's variables are held at a time, and
 the measurement program does not depend on how the variables were drawn: a
-sweep over initializers compiles it once (``gne_jax.probes.sweep.compile_plans``).
+sweep over initializers traces and compiles it once (``_applied_model``).
 With more than one device the inits are sharded over a 1-D mesh axis
 ``"inits"`` (``jax.shard_map``): every device runs its share; per-init results
 do not depend on the device count or the chunking.
