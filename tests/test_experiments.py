@@ -63,3 +63,34 @@ def test_same_command_same_csv(tmp_path):
         assert _run("G1", "G12", "--out", str(d), "--no-progress").returncode == 0
     for name in ("G1.csv", "G12.csv"):
         assert (a / name).read_text() == (b / name).read_text()
+
+
+def _leaky_relu_c_map(c, slope):
+    """The C map of leaky ReLU (slope α) at unit q, closed form: with φ(x) = (1+α)/2·x +
+    (1−α)/2·|x| and E|u||v| = (2/π)(√(1−c²) + c·arcsin c) for unit normals of
+    correlation c, C(c) = [(1+α)²/4·c + (1−α)²/4·E|u||v|] / ((1+α²)/2)."""
+    abs_uv = 2 / math.pi * (math.sqrt(1 - c * c) + c * math.asin(c))
+    return ((1 + slope) ** 2 / 4 * c + (1 - slope) ** 2 / 4 * abs_uv) / ((1 + slope**2) / 2)
+
+
+@pytest.mark.parametrize("depth", [20, 98, 200])
+def test_tat_slope_meets_its_c0_target(depth):
+    """C1's TAT baseline: the slope read off the dks package's transformed activation makes
+    the depth-L chain's C map send 0 to TAT's target 0.9 (checked with the closed form,
+    not the package's quadrature), and the config is orthogonal + gain at that slope."""
+    pytest.importorskip("dks")
+    from experiments.checks.calibration import tat_config, tat_leaky_relu_slope
+
+    slope = tat_leaky_relu_slope(depth)
+    c = 0.0
+    for _ in range(depth):
+        c = _leaky_relu_c_map(c, slope)
+    assert 0 < slope < 1 and abs(c - 0.9) < 1e-3
+    cfg = tat_config({"name": "serial_cnn", "depth": depth, "activation": "relu"})
+    assert cfg["activation"] == "leaky_relu" and cfg["negative_slope"] == slope
+    assert cfg["init"] == "delta_orthogonal" and cfg["gain"] is None
+    # gain=None is the activation's gain, TAT's output scale √(2/(1+α²)) (q(1) = 1)
+    import gne_jax
+
+    gain = gne_jax.activation_gain("leaky_relu", negative_slope=slope)
+    assert gain == pytest.approx(math.sqrt(2 / (1 + slope**2)), rel=1e-6)
