@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import gne_jax
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -90,7 +92,5 @@ def test_tat_slope_meets_its_c0_target(depth):
     assert cfg["activation"] == "leaky_relu" and cfg["negative_slope"] == slope
     assert cfg["init"] == "delta_orthogonal" and cfg["gain"] is None
     # gain=None is the activation's gain, TAT's output scale √(2/(1+α²)) (q(1) = 1)
-    import gne_jax
-
     gain = gne_jax.activation_gain("leaky_relu", negative_slope=slope)
     assert gain == pytest.approx(math.sqrt(2 / (1 + slope**2)), rel=1e-6)

@@ -312,7 +312,7 @@ def calibration(ctx: Context):
     SGD with momentum 0.9 for 200 steps of batch 16 / 300 steps of batch 32 at each
     learning rate of a grid, (0.001, 0.003, 0.01) / (0.0003, 0.001, 0.003, 0.01); one
     initialization (seed 0). The paper size has the depths of the study's plan (200-layer
-    MLPs, a 100-layer CNN) at widths a 2-core CPU trains in about an hour (53 min; a
+    MLPs, a 100-layer CNN) at widths a 2-core CPU trains in about an hour (62 min; a
     98-layer CNN of widths 16/32/64 on 16×16 images took 3.9 s per SGD step of batch 32
     there). (Before the digits task was added the small size was 26-layer CNNs on
     three-channel images, one learning rate 0.02, 600 steps of batch 64: 20–40 min on the
@@ -363,19 +363,19 @@ def _run(ctx: Context):
               else None)
         net, _ = library_net(model, v0, x0)
         progs = make_programs(net, NUM_PROBES)
-        dks = None  # (label, programs, params): DKS for tanh, TAT for the ReLU family
+        # the dks package's init (data-free): DKS for tanh, TAT for the ReLU family
+        transformed = None  # (name, net, params), then (name, programs, params)
         try:
             if label == "tanh MLP":
-                dnet, dparams = dks_tanh_mlp(cfg["depth"], cfg["width"], shape[0], key)
-                dks = ("DKS", dnet, dparams)
+                transformed = ("DKS", *dks_tanh_mlp(cfg["depth"], cfg["width"], shape[0], key))
             elif plain:
                 tmodel = gne_jax.create_model(tat_config(cfg))
-                dnet, dparams = library_net(tmodel, tmodel.init(key, x0), x0)
-                dks = ("TAT", dnet, dparams)
-        except ImportError:  # `pip install dks` (0.1.2): optional
-            dks = None
-        if dks is not None:
-            dks = (dks[0], make_programs(dks[1], NUM_PROBES), dks[2])
+                transformed = ("TAT", *library_net(tmodel, tmodel.init(key, x0), x0))
+        except ImportError:  # `dks` is in requirements.txt; a bare install runs without it
+            transformed = None
+        if transformed is not None:
+            name, tnet, tparams = transformed
+            transformed = (name, make_programs(tnet, NUM_PROBES), tparams)
         for task in TASKS:
             xs, ys, xt, yt = data[task]
             xb, yb = xs[:CALIB_BATCH], ys[:CALIB_BATCH]
@@ -396,8 +396,8 @@ def _run(ctx: Context):
                                                          float(rep.total_matvecs))
             entries = [(name, progs, library_net(model, v, xb)[1], t, cost)
                        for name, (v, t, cost) in variants.items()]
-            if dks is not None:
-                entries.append((*dks, math.nan, math.nan))
+            if transformed is not None:
+                entries.append((*transformed, math.nan, math.nan))
             for name, (measure, train_step, accuracy), params, t_cal, cost in entries:
                 phi, e2e, gn = measure(params, xb, yb, jax.random.key(3))
                 phi, gn = np.asarray(phi), np.asarray(gn)
