@@ -24,7 +24,12 @@ from timing import elapsed
 
 from gne_jax.models import create_model
 from gne_jax.probes.block_moments import block_moments, probe_compiler_options
-from gne_jax.probes.ensemble import _init_size, default_init_chunk, ensemble_block_moments
+from gne_jax.probes.ensemble import (
+    _init_size,
+    default_init_chunk,
+    ensemble_block_moments,
+    plan_ensemble,
+)
 
 
 def main():
@@ -75,6 +80,14 @@ def main():
     print(f"vmapped ensemble: {t_ens / a.inits * 1e3:.2f} ms/init, {a.inits / t_ens:.1f} inits/s")
     print(f"Python loop:      {t_loop / a.inits * 1e3:.2f} ms/init, {a.inits / t_loop:.1f} inits/s")
     print(f"time per init, vmapped / loop: {t_ens / t_loop:.3f}")
+    # the share of drawing the weights (orthogonal kernels: one QR per layer and init)
+    plan = plan_ensemble(model, x, key=key, num_inits=a.inits, mesh=None, init_chunk=None,
+                         **kw)
+    draw = lambda: [plan.init(plan.x, k) for k in plan.init_keys]
+    jax.block_until_ready(draw())
+    t_init = np.median([elapsed(draw) for _ in range(a.repeats)])
+    print(f"  of which the vmapped init program: {t_init / a.inits * 1e3:.2f} ms/init "
+          f"({t_init / t_ens:.0%})")
     jax.block_until_ready(ensemble("auto"))
     t_d = np.median([elapsed(lambda: ensemble("auto")) for _ in range(a.repeats)])
     auto = default_init_chunk(jax.default_backend(), *_init_size(model, x, key))

@@ -33,9 +33,11 @@ step env 60 bash -c 'nvidia-smi -L; python -c "import jax, flax, optax; print(ja
 step probe_cost 60 python benchmarks/probe_cost.py --sizes 1024 4096 --probes 64 --depth 4
 step probe_flops 60 python benchmarks/probe_flops.py --width 4096 --depth 8 --batch 256 \
     --probes 32 --matmul 8192
-step ensemble_w1024 90 python benchmarks/ensemble_cost.py --inits 64 --width 1024 --depth 32 \
-    --probes 16 --repeats 3 --init-chunks 8
 step ensemble_w64 60 python benchmarks/ensemble_cost.py --inits 64 --width 64 --depth 32 \
+    --probes 16 --repeats 3 --init-chunks 8
+# Q formed by orgqr (one solver call per matrix on GPUs) vs the batched householder_qr
+step qr_cost 60 python benchmarks/qr_cost.py --inits 64 --layers 33 --widths 64 256
+step ensemble_w1024 90 python benchmarks/ensemble_cost.py --inits 64 --width 1024 --depth 32 \
     --probes 16 --repeats 3 --init-chunks 8
 step weights_as_data 90 python benchmarks/weights_as_data_cost.py --depth 16 --width 1024 \
     --probes 64 --states 10

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from gne_jax.linalg.qr import qr
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -154,7 +156,7 @@ def _haar(key, n_rows: int, n_cols: int, dtype) -> Array:
     big, small = (n_rows, n_cols) if tall else (n_cols, n_rows)
     cdtype = jnp.promote_types(dtype, jnp.float32)
     a = jax.random.normal(key, (big, small), cdtype)
-    q, r = jnp.linalg.qr(a)
+    q, r = qr(a)  # batched on GPUs too (gne_jax.linalg.qr)
     q = q * jnp.sign(jnp.diagonal(r))[None, :]
     return q if tall else q.T
 

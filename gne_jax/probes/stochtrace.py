@@ -34,6 +34,7 @@ from gne_jax._validate import (
     legacy_key,
     renamed_argument,
 )
+from gne_jax.linalg.qr import qr
 from gne_jax.probes import compiled
 from gne_jax.probes.compiled import AbstractTree
 
@@ -198,7 +199,7 @@ def orthonormal_sketch(matvec_flat: Callable, key, n: int, s: int, dtype, dist: 
     draw = rademacher if dist == "rademacher" else jax.random.normal
     S = draw(key, (s, n), dtype=dtype)
     AS = jax.vmap(matvec_flat)(S)  # (s, n)
-    Q, _ = jnp.linalg.qr(AS.T)  # (n, s)
+    Q, _ = qr(AS.T)  # (n, s); batched on GPUs too
     return Q
 
 
