@@ -29,22 +29,24 @@ step() {  # step NAME SECONDS CMD...
 }
 
 step env 60 bash -c 'nvidia-smi -L; python -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"'
-# the weights-as-data and ensemble targets of the probes
-step probe_cost 60 python benchmarks/probe_cost.py --sizes 1024 4096 --probes 64 --depth 4
-step probe_flops 60 python benchmarks/probe_flops.py --width 4096 --depth 8 --batch 256 \
-    --probes 32 --matmul 8192
+# first what is still unmeasured: the ensemble over the loop with the batched QR, the QR
+# routes themselves, and a new weight state since hoist_fast (the open targets)
 step ensemble_w64 60 python benchmarks/ensemble_cost.py --inits 64 --width 64 --depth 32 \
     --probes 16 --repeats 3 --init-chunks 8
 # Q formed by orgqr (one solver call per matrix on GPUs) vs the batched householder_qr
 step qr_cost 60 python benchmarks/qr_cost.py --inits 64 --layers 33 --widths 64 256
-step ensemble_w1024 90 python benchmarks/ensemble_cost.py --inits 64 --width 1024 --depth 32 \
-    --probes 16 --repeats 3 --init-chunks 8
 step weights_as_data 90 python benchmarks/weights_as_data_cost.py --depth 16 --width 1024 \
     --probes 64 --states 10
-# the probes' and estimators' tests, on the GPU
-step tests_gpu 90 python -m pytest -q -x -p no:cacheprovider -n 4 -m "not slow" \
+# the probes' and estimators' tests, on the GPU: every failure named (-rf), not only the first
+step tests_gpu 120 python -m pytest -q -rf --maxfail=20 -p no:cacheprovider -n 4 -m "not slow" \
     tests/test_stochtrace.py tests/test_moments.py tests/test_spectral.py tests/test_lanczos.py \
-    tests/test_block_moments.py tests/test_weights_as_data.py
+    tests/test_block_moments.py tests/test_weights_as_data.py tests/test_qr.py
+# measured before (benchmarks/RESULTS.md, "GPU"): rerun as the time goes
+step probe_cost 60 python benchmarks/probe_cost.py --sizes 1024 4096 --probes 64 --depth 4
+step ensemble_w1024 90 python benchmarks/ensemble_cost.py --inits 64 --width 1024 --depth 32 \
+    --probes 16 --repeats 3 --init-chunks 8
+step probe_flops 60 python benchmarks/probe_flops.py --width 4096 --depth 8 --batch 256 \
+    --probes 32 --matmul 8192
 # training: ResNet-50 SMN vs BN, the SMN/BN speed figure, the serial CNN on digits
 step training 240 bash training_runs/gpu_check.sh "$out/training"
 # paper-size experiments, as far as the time goes
