@@ -70,35 +70,39 @@ def main():
     t = time.perf_counter()
     jax.block_until_ready(single(keys[0]))
     c_single = time.perf_counter() - t
-    t_ens = np.median([elapsed(ensemble) for _ in range(a.repeats)])
-    t_loop = np.median([elapsed(loop) for _ in range(a.repeats)])
-    print(f"# device: {jax.devices()[0].device_kind} ({platform.machine()}), "
-          f"{jax.device_count()} device(s), jax {jax.__version__}")
-    print(f"# MLP width {a.width}, depth {a.depth}, batch {a.batch}, {a.inits} inits, "
-          f"{a.probes} probes per block, {a.depth + 1} blocks + end to end")
-    print(f"first call (compile + run): vmapped {c_ens:.2f} s, single-init {c_single:.2f} s")
-    print(f"vmapped ensemble: {t_ens / a.inits * 1e3:.2f} ms/init, {a.inits / t_ens:.1f} inits/s")
-    print(f"Python loop:      {t_loop / a.inits * 1e3:.2f} ms/init, {a.inits / t_loop:.1f} inits/s")
-    print(f"time per init, vmapped / loop: {t_ens / t_loop:.3f}")
     # the share of drawing the weights (orthogonal kernels: one QR per layer and init)
     plan = plan_ensemble(model, x, key=key, num_inits=a.inits, mesh=None, init_chunk=None,
                          **kw)
-    draw = lambda: [plan.init(plan.x, k) for k in plan.init_keys]
-    jax.block_until_ready(draw())
-    t_init = np.median([elapsed(draw) for _ in range(a.repeats)])
-    print(f"  of which the vmapped init program: {t_init / a.inits * 1e3:.2f} ms/init "
-          f"({t_init / t_ens:.0%})")
-    jax.block_until_ready(ensemble("auto"))
-    t_d = np.median([elapsed(lambda: ensemble("auto")) for _ in range(a.repeats)])
     auto = default_init_chunk(jax.default_backend(), *_init_size(model, x, key))
-    print(f"default (init_chunk='auto' = {auto}): {t_d / a.inits * 1e3:.2f} "
-          f"ms/init, / loop: {t_d / t_loop:.3f}")
+    variants = {"loop": loop, "vmapped": ensemble, "default": lambda: ensemble("auto"),
+                "init": lambda: [plan.init(plan.x, k) for k in plan.init_keys]}
+    variants.update({c: (lambda c=c: ensemble(c)) for c in a.init_chunks})
+    for f in variants.values():
+        jax.block_until_ready(f())
+    # timed in turn within each repeat, so load drift on a shared machine hits all alike
+    times = {name: [] for name in variants}
+    for _ in range(a.repeats):
+        for name, f in variants.items():
+            times[name].append(elapsed(f))
+    t = {name: float(np.median(v)) for name, v in times.items()}
+    per_init = lambda name: t[name] / a.inits * 1e3
+    print(f"# device: {jax.devices()[0].device_kind} ({platform.machine()}), "
+          f"{jax.device_count()} device(s), jax {jax.__version__}")
+    print(f"# MLP width {a.width}, depth {a.depth}, batch {a.batch}, {a.inits} inits, "
+          f"{a.probes} probes per block, {a.depth + 1} blocks + end to end; medians of "
+          f"{a.repeats} rounds, the variants timed in turn")
+    print(f"first call (compile + run): vmapped {c_ens:.2f} s, single-init {c_single:.2f} s")
+    print(f"vmapped ensemble: {per_init('vmapped'):.2f} ms/init, "
+          f"{a.inits / t['vmapped']:.1f} inits/s")
+    print(f"Python loop:      {per_init('loop'):.2f} ms/init, {a.inits / t['loop']:.1f} inits/s")
+    print(f"time per init, vmapped / loop: {t['vmapped'] / t['loop']:.3f}")
+    print(f"  of which the vmapped init program: {per_init('init'):.2f} ms/init "
+          f"({t['init'] / t['vmapped']:.0%})")
+    print(f"default (init_chunk='auto' = {auto}): {per_init('default'):.2f} "
+          f"ms/init, / loop: {t['default'] / t['loop']:.3f}")
     for c in a.init_chunks:
-        jax.block_until_ready(ensemble(c))
-        t_c = np.median([elapsed(lambda c=c: ensemble(c)) for _ in range(a.repeats)])
-        print(f"chunks of {c:>3} inits: {t_c / a.inits * 1e3:.2f} ms/init, "
-              f"{a.inits / t_c:.1f} inits/s, / loop: {t_c / t_loop:.3f}")
-
+        print(f"chunks of {c:>3} inits: {per_init(c):.2f} ms/init, "
+              f"{a.inits / t[c]:.1f} inits/s, / loop: {t[c] / t['loop']:.3f}")
 
 if __name__ == "__main__":
     main()
