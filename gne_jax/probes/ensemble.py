@@ -139,13 +139,14 @@ def default_init_chunk(platform: str | None = None, num_params: int | None = Non
     * GPU/TPU: all inits at once (``None``): the batch fills the accelerator.
     * CPU, small models (at most ``SMALL_INIT_PARAMS`` parameters per init, no conv
       kernels): chunks of 8 vmapped inits. On a 2-core CPU, MLP width 64 depth 32 (135k
-      parameters, 32 inits), chunks of 8 took 0.55–0.69× the time of a Python loop of
+      parameters, 32 inits), chunks of 8 took 0.55–0.90× the time of a Python loop of
       jitted single-init calls: per-call overhead dominates and the batch amortizes it.
-    * CPU, larger models or conv nets: one init per call (``1``). MLP width 256 (depth 16
-      and 32), all inits vmapped took 1.38–1.49× the loop on the idle and loaded VM (0.82×
-      in one quiet run; the batched working set spills the caches, and two cores leave
-      little for a vmap to fill); one init per call took 0.63× the loop. vmapped conv
-      kernels also become grouped convolutions that XLA:CPU compiles several times slower.
+    * CPU, larger models or conv nets: one init per call (``1``), i.e. the loop's own
+      computation as an init and a measurement program (0.98–1.11× the loop at widths
+      256–1024, within the VM's noise). All inits vmapped took 1.04–1.49× the loop there
+      (the batched working set spills the caches, and two cores leave little for a vmap
+      to fill); vmapped conv kernels also become grouped convolutions that XLA:CPU
+      compiles several times slower.
     """
     platform = platform or jax.default_backend()
     if platform != "cpu":
