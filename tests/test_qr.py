@@ -73,3 +73,35 @@ def test_gpu_programs_form_q_without_a_per_matrix_loop():
     trace = jax.vmap(lambda m, k: est(lambda v: m @ v, jnp.zeros(16), key=k).value)
     calls = _custom_calls(trace, mats, keys)
     assert not any("orgqr" in c for c in calls), calls
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (100, 30), (30, 100), (3, 3, 16, 32)])
+def test_initializers_draw_the_same_kernels_with_the_gpu_route(shape, monkeypatch):
+    # the GPU route (householder_qr) run on the CPU: the same Haar kernel as LAPACK's,
+    # through the sign fix and the wide-matrix transpose, vmapped over keys
+    from gne_jax.nn import initializers
+
+    keys = jax.random.split(KEY, 3)
+    draw = jax.vmap(lambda k: initializers.orthogonal(1.5)(k, shape))
+    lapack = draw(keys)
+    calls = []
+    monkeypatch.setattr(initializers, "qr", lambda a: calls.append(1) or householder_qr(a))
+    gpu_route = jax.vmap(lambda k: initializers.orthogonal(1.5)(k, shape))(keys)
+    assert calls, "the GPU route was not taken"
+    np.testing.assert_allclose(gpu_route, lapack, atol=1.5 * 10 * max(shape) * 1.2e-7)
+
+
+def test_hutchpp_gives_the_same_estimate_with_the_gpu_route(monkeypatch):
+    from gne_jax.probes import stochtrace
+
+    a = jax.random.normal(KEY, (40, 40))
+    mat = a @ a.T
+    # under an outer jit nothing is taken from the library's program cache: each jit
+    # below traces orthonormal_sketch afresh
+    est = lambda: jax.jit(lambda m: hutchpp(24)(lambda v: m @ v, jnp.zeros(40),
+                                                key=jax.random.key(3)).value)(mat)
+    lapack = est()
+    calls = []
+    monkeypatch.setattr(stochtrace, "qr", lambda a: calls.append(1) or householder_qr(a))
+    np.testing.assert_allclose(est(), lapack, rtol=1e-5)
+    assert calls, "the GPU route was not taken"
