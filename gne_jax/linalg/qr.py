@@ -21,6 +21,10 @@ except ImportError:  # pragma: no cover - such a jax forms Q with jnp.linalg.qr 
 Array = jax.Array
 
 
+def _lapack_qr(a: Array) -> tuple[Array, Array]:
+    return tuple(jnp.linalg.qr(a))
+
+
 def householder_qr(a: Array) -> tuple[Array, Array]:
     """Reduced QR (Q: m × n, R: n × n) of a tall ``a`` (m ≥ n) from its Householder reflectors.
 
@@ -34,7 +38,7 @@ def householder_qr(a: Array) -> tuple[Array, Array]:
     if m < n:
         raise ValueError(f"`a` must be tall (rows >= columns); got shape {jnp.shape(a)}.")
     if _geqrf is None:  # pragma: no cover
-        return tuple(jnp.linalg.qr(a))
+        return _lapack_qr(a)
     packed, tau = _geqrf(a)
     keep = tau != 0
     v = (jnp.tril(packed[..., :, :n], -1) + jnp.eye(m, n, dtype=a.dtype)) * keep[..., None, :]
@@ -43,10 +47,6 @@ def householder_qr(a: Array) -> tuple[Array, Array]:
     x = jax.lax.linalg.triangular_solve(t_inv, jnp.swapaxes(v[..., :n, :], -1, -2),
                                         left_side=True, lower=False)
     return jnp.eye(m, n, dtype=a.dtype) - v @ x, jnp.triu(packed[..., :n, :])
-
-
-def _lapack_qr(a: Array) -> tuple[Array, Array]:
-    return tuple(jnp.linalg.qr(a))
 
 
 def qr(a: Array) -> tuple[Array, Array]:
