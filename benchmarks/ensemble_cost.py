@@ -9,6 +9,8 @@ called per key), and inits per second for both. Compile time is excluded from bo
 
 The vmapped ensemble is ``init_chunk=None`` (all inits at once); the library's default
 (``init_chunk="auto"``) is timed beside it.
+All variants, and the vmapped init program alone (the share of drawing the weights), are
+timed in turn within each round, so load drift on a shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def main():
     for c in a.init_chunks:
         print(f"chunks of {c:>3} inits: {per_init(c):.2f} ms/init, "
               f"{a.inits / t[c]:.1f} inits/s, / loop: {t[c] / t['loop']:.3f}")
+
 
 if __name__ == "__main__":
     main()
