@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -20,6 +21,16 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
 def tree_sq_norm(a: PyTree) -> jax.Array:
     """‖a‖² summed over all leaves."""
     return sum(jnp.sum(jnp.square(jnp.abs(x))) for x in jax.tree.leaves(a))
+
+
+def leaf_dtype(leaf) -> np.dtype:
+    """The dtype JAX computes ``leaf`` in: read off a ``jax.Array``, tracer or
+    ``ShapeDtypeStruct`` (already canonical), else ``jnp.result_type`` (NumPy arrays,
+    Python scalars: float64 becomes float32 unless ``jax_enable_x64`` is on)."""
+    dtype = getattr(leaf, "dtype", None)
+    if isinstance(dtype, np.dtype) and isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+        return dtype
+    return jnp.result_type(leaf)
 
 
 def tree_size(tree: PyTree) -> int:

@@ -6,11 +6,15 @@ unchanged under ``jit`` and ``vmap`` and fail before any work is done.
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gne_jax._tree import leaf_dtype
 
 
 def check_key(key, argname: str = "key") -> jax.Array:
@@ -67,14 +71,22 @@ def check_choice(value, argname: str, choices) -> str:
     return value
 
 
+@functools.cache
+def _dtype_kind(dtype) -> str:
+    """``"complex"``, ``"real"`` (floating) or ``"other"``, once per dtype."""
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return "complex"
+    return "real" if jnp.issubdtype(dtype, jnp.inexact) else "other"
+
+
 def check_float_tree(tree, argname: str) -> None:
     """Every leaf is an inexact (floating) array: Jacobians need a tangent space."""
     leaves = jax.tree.leaves(tree)
     if not leaves:
         raise ValueError(f"`{argname}` has no array leaves.")
     for leaf in leaves:
-        dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = leaf_dtype(leaf)
+        if _dtype_kind(dtype) == "other":
             raise TypeError(
                 f"`{argname}` must contain floating-point arrays (Jacobians are taken with "
                 f"respect to it); found a leaf of dtype {dtype} and shape {jnp.shape(leaf)}. "
@@ -91,14 +103,14 @@ def check_input_tree(tree, argname: str) -> None:
     check_float_tree(tree, argname)
     total = 0
     for leaf in jax.tree.leaves(tree):
-        dtype = jnp.result_type(leaf)
-        if jnp.issubdtype(dtype, jnp.complexfloating):
+        dtype = leaf_dtype(leaf)
+        if _dtype_kind(dtype) == "complex":
             raise TypeError(
                 f"`{argname}` has a complex leaf (dtype {dtype}, shape {jnp.shape(leaf)}): the "
                 f"moments are defined for real Jacobians. Pass the real and imaginary parts "
                 f"as two real arrays."
             )
-        total += int(np.prod(jnp.shape(leaf)))
+        total += math.prod(np.shape(leaf))
     if total == 0:
         raise ValueError(
             f"`{argname}` is empty (zero elements, shapes "

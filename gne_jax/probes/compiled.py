@@ -223,7 +223,15 @@ class _Describer:
 
     def value(self, v, arrays: bool):
         flat, treedef = jax.tree.flatten(v)
-        return ("tree", treedef, tuple(self.leaf(a, arrays) for a in flat))
+        array_type = _array_type()
+        described = []
+        for a in flat:  # a concrete array (the common leaf: a weight) without the generic path
+            if arrays and type(a) is array_type:
+                self.leaves.append(a)
+                described.append(a.aval)  # shape, dtype, weak type (and sharding)
+            else:
+                described.append(self.leaf(a, arrays))
+        return ("tree", treedef, tuple(described))
 
     def callable(self, f, arrays: bool = True):
         """A hashable description of ``f`` that determines what it computes from its arrays.
@@ -261,19 +269,47 @@ class _Describer:
                 tuple(self.value(c, arrays) for c in cells), described)
 
 
+@functools.cache
+def _array_type() -> type:
+    """The class of concrete ``jax.Array``\\ s (a private name in jax, read from an instance)."""
+    return type(jax.numpy.zeros(()))
+
+
 _FAST: collections.OrderedDict = collections.OrderedDict()
 
 
 def _aval_key(tree):
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((tuple(np.shape(a)), jax.numpy.result_type(a),
-                           bool(getattr(a, "weak_type", False))) for a in leaves)
+    array_type = _array_type()
+    return treedef, tuple(a.aval if type(a) is array_type else (
+        tuple(np.shape(a)), jax.numpy.result_type(a), bool(getattr(a, "weak_type", False)))
+        for a in leaves)
 
 
-def _alias_pattern(leaves) -> tuple[int, ...]:
-    """For each leaf, the index of the first leaf that is the same array object."""
+def _alias_pattern(leaves) -> tuple[int, ...] | None:
+    """For each leaf, the index of the first leaf that is the same array object (None when
+    all are distinct, the common case)."""
+    ids = [id(a) for a in leaves]
+    if len(set(ids)) == len(ids):
+        return None
     first: dict[int, int] = {}
-    return tuple(first.setdefault(id(a), i) for i, a in enumerate(leaves))
+    return tuple(first.setdefault(i, n) for n, i in enumerate(ids))
+
+
+class _HashedKey:
+    """A tuple key whose hash is computed once (it is looked up and moved in the LRU)."""
+
+    __slots__ = ("key", "hash")
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self.hash = hash(key)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _HashedKey) and self.hash == other.hash and self.key == other.key
 
 
 def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
@@ -290,8 +326,7 @@ def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
     try:
         spec = describer.callable(fn)
         leaves = describer.leaves
-        key = (spec, _alias_pattern(leaves), _aval_key(example_args))
-        hash(key)
+        key = _HashedKey((spec, _alias_pattern(leaves), _aval_key(example_args)))
     except Exception:  # noqa: BLE001 - _Fallback, an unhashable value, an odd object: trace
         return hoist(fn, *example_args, argname=argname, inputs=inputs)
     with _LOCK:

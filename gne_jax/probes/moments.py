@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from gne_jax._tree import is_concrete, tree_size
+from gne_jax._tree import is_concrete, leaf_dtype, tree_size
 from gne_jax._validate import (
     check_choice,
     check_float_tree,
@@ -138,8 +138,12 @@ def _sq_norm(tree) -> jax.Array:
 
 def _eps(*trees) -> float:
     """Machine epsilon of the lowest-precision floating dtype among the leaves."""
-    leaves = [leaf for t in trees for leaf in jax.tree.leaves(t)]
-    return max(float(jnp.finfo(jnp.result_type(leaf)).eps) for leaf in leaves)
+    return max(_finfo_eps(leaf_dtype(leaf)) for t in trees for leaf in jax.tree.leaves(t))
+
+
+@functools.cache
+def _finfo_eps(dtype) -> float:
+    return float(jnp.finfo(dtype).eps)
 
 
 def _hutchinson_samples(ops, key, num_probes, dist, probe_chunk):
