@@ -140,9 +140,9 @@ def main():
           f"(the probe program, then the statistics program shared by all structures), raw "
           f"{[round(d, 2) for d in xla_raw]} s; probe program / raw "
           f"{max(xla_ours) / max(xla_raw):.2f}, all / raw {sum(xla_ours) / sum(xla_raw):.2f}")
-    print(f"call at a new weight state (new closure): {t_ours * 1e3:.1f} ms, raw jitted "
-          f"{t_raw * 1e3:.1f} ms, ratio {t_ours / t_raw:.2f} "
-          f"(warm same-state calls: {w_ours * 1e3:.1f} / {w_raw * 1e3:.1f} ms)")
+    print(f"call at a new weight state (new closure): {t_ours * 1e3:.3g} ms, raw jitted "
+          f"{t_raw * 1e3:.3g} ms, ratio {t_ours / t_raw:.2f} "
+          f"(warm same-state calls: {w_ours * 1e3:.3g} / {w_raw * 1e3:.3g} ms)")
     print(f"programs compiled over {3 * a.states} calls at new weight states: {n_compiled}")
     print(f"phi: ours {phi_ours:.5f}, raw {phi_raw:.5f} (independent probe draws)")
 

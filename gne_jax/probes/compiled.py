@@ -271,8 +271,9 @@ class _Describer:
 
 @functools.cache
 def _array_type() -> type:
-    """The class of concrete ``jax.Array``\\ s (a private name in jax, read from an instance)."""
-    return type(jax.numpy.zeros(()))
+    """The class of concrete ``jax.Array``\\ s (a private name in jax, read from an instance
+    made without compiling anything)."""
+    return type(jax.device_put(np.zeros((), np.float32)))
 
 
 _FAST: collections.OrderedDict = collections.OrderedDict()
