@@ -142,7 +142,7 @@ def default_init_chunk(platform: str | None = None, num_params: int | None = Non
       parameters, 32 inits), chunks of 8 took 0.55–0.90× the time of a Python loop of
       jitted single-init calls: per-call overhead dominates and the batch amortizes it.
     * CPU, larger models or conv nets: one init per call (``1``), i.e. the loop's own
-      computation as an init and a measurement program (0.98–1.11× the loop at widths
+      computation as an init and a measurement program (0.94–1.11× the loop at widths
       256–1024, within the VM's noise). All inits vmapped took 1.04–1.49× the loop there
       (the batched working set spills the caches, and two cores leave little for a vmap
       to fill); vmapped conv kernels also become grouped convolutions that XLA:CPU
