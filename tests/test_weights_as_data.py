@@ -7,7 +7,11 @@ program); a new closure over new arrays of the same architecture must compile no
 import contextlib
 import functools
 import gc
+import json
+import os
 import resource
+import subprocess
+import sys
 import types
 import weakref
 
@@ -389,3 +393,44 @@ def test_fast_path_never_shares_a_program_between_different_functions():
         cfg.scale = scale
         f = ns["make"](w1)
         np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5)
+
+
+SHARDED_CLOSURES = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from gne_jax import jacobian_moments
+from gne_jax.probes import compiled
+
+mesh = Mesh(np.array(jax.devices()), ("d",))
+rows = NamedSharding(mesh, P("d"))
+traced = []
+hoist = compiled.hoist
+compiled.hoist = lambda *a, **k: traced.append(1) or hoist(*a, **k)
+x = jnp.linspace(-1.0, 1.0, 8)
+make = lambda w: (lambda z: jnp.tanh(w @ z))
+out = []
+for seed, sharded in [(0, True), (1, True), (2, False), (3, False), (4, True)]:
+    w = jnp.asarray(np.random.default_rng(seed).standard_normal((8, 8)) / 3, jnp.float32)
+    w = jax.device_put(w, rows) if sharded else w
+    r = jacobian_moments(make(w), x, method="exact")
+    jac = np.asarray(jax.jacfwd(make(np.asarray(w)))(x))
+    out.append([float(r.phi), float(np.sum(jac**2) / 8), len(traced)])
+print(json.dumps(out))
+"""
+
+
+def test_closures_over_differently_sharded_weights_are_probed_correctly():
+    """Closures over sharded and single-device weights of one shape: each probe is its
+    own function's φ, and new weights in a sharding already seen are not traced again."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", SHARDED_CLOSURES], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for phi, exact, _ in res:
+        np.testing.assert_allclose(phi, exact, rtol=1e-5)
+    # a repeat of a sharding already seen (calls 2, 4 and 5) reads the closure untraced
+    traces = [t for _, _, t in res]
+    assert traces[1] == traces[0] and traces[4] == traces[3] == traces[2], traces
