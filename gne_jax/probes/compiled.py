@@ -197,7 +197,7 @@ class _Describer:
             if not arrays:  # a global array is read by name, not passed: trace instead
                 raise _Fallback
             self.leaves.append(v)
-            return ("array", v.shape, v.dtype, bool(getattr(v, "weak_type", False)))
+            return _array_key(v)
         if v is None or v is Ellipsis or isinstance(v, (bool, int, str, bytes)):
             return ("const", type(v), v)
         if isinstance(v, (float, complex)):  # repr tells -0.0 from 0.0 and equates NaNs
@@ -228,7 +228,7 @@ class _Describer:
         for a in flat:  # a concrete array (the common leaf: a weight) without the generic path
             if arrays and type(a) is array_type:
                 self.leaves.append(a)
-                described.append(a.aval)  # shape, dtype, weak type (and sharding)
+                described.append(a.aval)  # what _array_key gives, without the call
             else:
                 described.append(self.leaf(a, arrays))
         return ("tree", treedef, tuple(described))
@@ -279,12 +279,17 @@ def _array_type() -> type:
 _FAST: collections.OrderedDict = collections.OrderedDict()
 
 
+def _array_key(a):
+    """An array's abstract value as a cache key: a concrete array's ``aval`` (shape, dtype,
+    weak type, sharding), else (shape, dtype, weak type)."""
+    if type(a) is _array_type():
+        return a.aval
+    return tuple(np.shape(a)), jax.numpy.result_type(a), bool(getattr(a, "weak_type", False))
+
+
 def _aval_key(tree):
     leaves, treedef = jax.tree.flatten(tree)
-    array_type = _array_type()
-    return treedef, tuple(a.aval if type(a) is array_type else (
-        tuple(np.shape(a)), jax.numpy.result_type(a), bool(getattr(a, "weak_type", False)))
-        for a in leaves)
+    return treedef, tuple(_array_key(a) for a in leaves)
 
 
 def _alias_pattern(leaves) -> tuple[int, ...] | None:
