@@ -434,3 +434,19 @@ def test_closures_over_differently_sharded_weights_are_probed_correctly():
     # a repeat of a sharding already seen (calls 2, 4 and 5) reads the closure untraced
     traces = [t for _, _, t in res]
     assert traces[1] == traces[0] and traces[4] == traces[3] == traces[2], traces
+
+
+def test_python_scalars_are_structure_and_array_scalars_are_data():
+    """A closed-over Python float is a constant of the program (as under jax.jit): a new value
+    compiles a new program; the same sweep over array scalars compiles once. Both are exact:
+    φ of z ↦ c·z is c²."""
+    compiled.clear_programs()
+    x = jnp.ones(5)
+    jacobian_moments(jnp.sin, x, method="exact")  # the shared statistics program
+    for wrap, expected_compiles in [(float, 3), (jnp.float32, 1)]:
+        with count_compilations() as events:
+            for c in (1.5, 2.0, 3.0):
+                scale = wrap(c)
+                r = jacobian_moments(lambda z, s=scale: s * z, x, method="exact")
+                np.testing.assert_allclose(float(r.phi), c**2, rtol=1e-6)
+        assert len(events) == expected_compiles, (wrap, len(events))
