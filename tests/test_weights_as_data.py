@@ -350,6 +350,22 @@ def test_fast_path_reads_closures_without_tracing(monkeypatch):
         assert not traced, f"{len(traced)} traces over 3 new closures"
 
 
+def test_library_wrappers_are_fixed_and_wrappers_of_user_code_are_not():
+    """A decorator's wrapper inside a library (``Module.apply``, ``Dense.__call__``) whose
+    closure holds only library functions is compared by identity; one over user code is
+    read through its closure."""
+    import flax.linen as nn
+
+    def user(z):
+        return 2.0 * z
+
+    assert compiled._fixed_library_function(nn.Module.apply)
+    assert compiled._fixed_library_function(nn.Dense.__call__)
+    assert compiled._fixed_library_function(jax.nn.gelu)  # no closure
+    assert not compiled._fixed_library_function(jax.checkpoint(user))
+    assert not compiled._fixed_library_function(user)
+
+
 def test_fast_path_never_shares_a_program_between_different_functions():
     """Same code with different static values, a redefined global helper, repeated arrays:
     each probe equals the exact φ of its own function."""
@@ -384,6 +400,13 @@ def test_fast_path_never_shares_a_program_between_different_functions():
         np.testing.assert_allclose(phi, _exact_phi(f, x), rtol=1e-5)
     assert abs(sin_phi - _exact_phi(lambda z: jnp.sin(z @ w1), x)) <= 1e-5 * sin_phi
     assert abs(phis[5] - sin_phi) > 1e-3  # the redefined helper was not served the old program
+    # a library decorator's wrapper over a user function (jax.checkpoint) is read through
+    # its closure, not by the wrapper's code: a new wrapper sees the redefined helper
+    # (the same wrapper object keeps its first trace, in JAX as here)
+    exec("def helper(z):\n    return jnp.sin(z)\n", ns)
+    np.testing.assert_allclose(_phi(jax.checkpoint(ns["make"](w1)), x), sin_phi, rtol=1e-5)
+    exec("def helper(z):\n    return jnp.cos(z)\n", ns)
+    np.testing.assert_allclose(_phi(jax.checkpoint(ns["make"](w1)), x), phis[5], rtol=1e-5)
     # a user's module whose attribute is reassigned between calls (same identity)
     cfg = types.ModuleType("user_config")
     cfg.scale = 2.0

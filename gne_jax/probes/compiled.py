@@ -140,7 +140,7 @@ class _Ref:
         return isinstance(other, _Ref) and other.obj is self.obj
 
 
-_LIBRARY_ROOTS = frozenset({  # functions without closures here are compared by identity
+_LIBRARY_ROOTS = frozenset({  # their functions without user state are compared by identity
     "jax", "jaxlib", "flax", "numpy", "scipy", "optax", "chex", "einops", "ml_collections",
     "gne_jax", "builtins", "functools", "operator", "math", "itertools", "collections",
 })
@@ -161,6 +161,23 @@ def _is_library(obj) -> bool:
     module = obj.__name__ if isinstance(obj, types.ModuleType) else (
         getattr(obj, "__module__", None) or "")
     return module.partition(".")[0] in _LIBRARY_ROOTS
+
+
+def _fixed_library_function(f, depth: int = 4) -> bool:
+    """A library function whose result depends on its arguments only: one without a
+    closure, or a decorator's wrapper whose closure holds only such functions and Python
+    constants (``flax.linen.Module.apply``, ``Dense.__call__``). Compared by identity."""
+    if not (isinstance(f, types.FunctionType) and _is_library(f)):
+        return False
+    for cell in f.__closure__ or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:  # an empty cell
+            return False
+        if not (v is None or isinstance(v, (bool, int, str, bytes))
+                or (depth > 0 and _fixed_library_function(v, depth - 1))):
+            return False
+    return True
 
 
 def _static_object(v) -> bool:
@@ -255,7 +272,7 @@ class _Describer:
             return ("method", self.callable(f.__func__, arrays), self.value(f.__self__, arrays))
         if not isinstance(f, types.FunctionType):
             raise _Fallback
-        if f.__closure__ is None and _is_library(f):
+        if _fixed_library_function(f):
             return ("id", _Ref(f))
         code, glob = f.__code__, f.__globals__
         try:
