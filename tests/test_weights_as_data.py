@@ -366,6 +366,68 @@ def test_library_wrappers_are_fixed_and_wrappers_of_user_code_are_not():
     assert not compiled._fixed_library_function(user)
 
 
+USER_LINEN_MODEL = """
+import jax.numpy as jnp
+import flax.linen as nn
+
+ACT = jnp.tanh
+
+class Block(nn.Module):
+    width: int = 6
+    scale = 1.0
+
+    def setup(self):
+        self.d = nn.Dense(self.width)
+
+    def __call__(self, z):
+        return self.scale * ACT(self.d(z))
+
+class Base(nn.Module):
+    def finish(self, z):
+        return z
+
+class Net(Base):
+    depth: int = 2
+
+    @nn.compact
+    def __call__(self, z):
+        for _ in range(self.depth):
+            z = Block()(z)
+        return super().finish(z)
+"""
+
+
+def test_a_users_module_classes_are_read_with_what_their_methods_read(monkeypatch):
+    """A Linen model defined by the user: new weights reuse the program without a trace;
+    editing a global its methods read, a class attribute or a base-class method is seen
+    by the next closure (as a new ``jax.jit`` of a new closure would see it)."""
+    compiled.clear_programs()
+    traced = []
+    hoist = compiled.hoist
+    monkeypatch.setattr(compiled, "hoist", lambda *a, **k: traced.append(1) or hoist(*a, **k))
+    ns = {"__name__": "user_model"}
+    exec(USER_LINEN_MODEL, ns)
+    ns["d"] = jnp.ones((6, 6))  # a global array named like the attribute ``self.d``
+    net = ns["Net"]()
+    x = jnp.linspace(-1.0, 1.0, 6)
+    states = [net.init(jax.random.key(s), x) for s in range(3)]
+    forms = [lambda p: (lambda z: net.apply(p, z)), lambda p: functools.partial(net.apply, p)]
+    for make in forms:
+        _phi(make(states[0]), x)
+        traced.clear()
+        for p in states[1:]:
+            np.testing.assert_allclose(_phi(make(p), x), _exact_phi(make(p), x), rtol=1e-5)
+        assert not traced, f"{len(traced)} traces over 2 new weight states"
+    for edit in ("ACT = jnp.sin", "Block.scale = 2.0", "Base.finish = lambda self, z: 3.0 * z"):
+        before = _exact_phi(forms[0](states[1]), x)
+        exec(edit, ns)
+        for make in forms:
+            f = make(states[1])
+            exact = _exact_phi(f, x)
+            assert abs(exact - before) > 1e-2 * before, edit  # the edit changes the function
+            np.testing.assert_allclose(_phi(f, x), exact, rtol=1e-5, err_msg=edit)
+
+
 def test_fast_path_never_shares_a_program_between_different_functions():
     """Same code with different static values, a redefined global helper, repeated arrays:
     each probe equals the exact φ of its own function."""

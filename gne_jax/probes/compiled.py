@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import dis
 import functools
 import threading
 import types
@@ -148,8 +149,12 @@ _LIBRARY_ROOTS = frozenset({  # their functions without user state are compared 
 
 @functools.lru_cache(maxsize=4096)
 def _global_names(code: types.CodeType) -> tuple[str, ...]:
-    """Every name ``code`` (and the code objects nested in it) may look up as a global."""
-    names = set(code.co_names)
+    """Every name ``code`` (and the code objects nested in it) may look up as a global.
+
+    Only the global loads: an attribute ``self.d`` does not read a global ``d``.
+    """
+    names = {ins.argval for ins in dis.get_instructions(code)
+             if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
     for c in code.co_consts:
         if isinstance(c, types.CodeType):
             names.update(_global_names(c))
@@ -157,9 +162,17 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
 
 
 def _is_library(obj) -> bool:
-    """Whether ``obj`` (a function, class or module) belongs to a library package."""
-    module = obj.__name__ if isinstance(obj, types.ModuleType) else (
-        getattr(obj, "__module__", None) or "")
+    """Whether ``obj`` (a function, class or module) belongs to a library package.
+
+    A function belongs where its code was written (its globals), whatever ``__module__``
+    a ``functools.wraps`` copied onto it: Flax's wrappers of a user's methods are Flax's.
+    """
+    if isinstance(obj, types.ModuleType):
+        module = obj.__name__
+    elif isinstance(obj, types.FunctionType):
+        module = obj.__globals__.get("__name__") or ""
+    else:
+        module = getattr(obj, "__module__", None) or ""
     return module.partition(".")[0] in _LIBRARY_ROOTS
 
 
@@ -206,6 +219,7 @@ class _Describer:
         self.leaves: list = []
         self.nodes = 0
         self.active: set[int] = set()  # callables being described (recursion: fall back)
+        self.classes: set[int] = set()  # user classes described (each once per description)
 
     def leaf(self, v, arrays: bool):
         if isinstance(v, jax.core.Tracer):
@@ -223,20 +237,58 @@ class _Describer:
             return ("np", v.dtype, v.tobytes())
         if isinstance(v, np.dtype):
             return ("const", np.dtype, v)
-        if isinstance(v, (types.ModuleType, type)):
-            # a library module or class by identity; a user's module or class could have
-            # its attributes reassigned (``cfg.scale = 2``) under the same identity: trace
-            if not _is_library(v):
-                raise _Fallback
-            return ("id", _Ref(v))
+        if isinstance(v, (types.ModuleType, type)) and _is_library(v):
+            return ("id", _Ref(v))  # a library module or class by identity
+        if isinstance(v, type):
+            return self.user_class(v)
+        if isinstance(v, types.ModuleType):
+            # a user's module could have its attributes reassigned (``cfg.scale = 2``)
+            # under the same identity: trace
+            raise _Fallback
         if isinstance(v, (types.FunctionType, functools.partial, types.MethodType)):
             return self.callable(v, arrays)
         if callable(v) and _is_library(v) and _is_library(type(v)) and (
                 type(v).__module__.partition(".")[0] in ("jax", "jaxlib")):
             return ("id", _Ref(v))  # jax's own wrapped functions (jnp.tanh, jax.nn.relu...)
         if _static_object(v):
-            return ("obj", v)
+            cls = type(v)
+            return ("obj", v, None if _is_library(cls) else self.user_class(cls))
         raise _Fallback
+
+    def user_class(self, cls: type):
+        """A user's class by identity, with what its methods and class attributes hold now.
+
+        Its methods' code reads globals (``ACT = jax.nn.relu`` edited in a notebook) and
+        its class attributes can be reassigned, under the same class identity: both are
+        part of the description. Library base classes count by identity.
+        """
+        if id(cls) in self.classes:  # described already (or being described: recursion)
+            return ("class", _Ref(cls))
+        self.classes.add(id(cls))
+        parts = []
+        for c in cls.__mro__:
+            if c is object or _is_library(c):
+                continue
+            for name, attr in vars(c).items():
+                if name.startswith("__") and name.endswith("__") and name != "__call__":
+                    continue  # the class's bookkeeping (dataclass methods, annotations...)
+                parts.append((name, self._class_attribute(attr)))
+        return ("class", _Ref(cls), tuple(parts))
+
+    def _class_attribute(self, attr):
+        if isinstance(attr, (staticmethod, classmethod)):
+            attr = attr.__func__
+        if isinstance(attr, property):
+            return ("property", *(None if f is None else self.callable(f, False)
+                                  for f in (attr.fget, attr.fset)))
+        if isinstance(attr, types.FunctionType):
+            return self.callable(attr, False)
+        if _is_library(type(attr)) and not callable(attr):
+            try:  # a library's value: by equality, or skipped when it is mutable
+                return ("library value", hash(attr), attr)  # machinery (Flax's per-class
+            except TypeError:  # module state)
+                return ("library value", type(attr))
+        return self.value(attr, False)
 
     def value(self, v, arrays: bool):
         flat, treedef = jax.tree.flatten(v)
@@ -279,10 +331,12 @@ class _Describer:
             cells = tuple(c.cell_contents for c in f.__closure__ or ())
         except ValueError:  # an empty cell (a closure over a name not yet assigned)
             raise _Fallback from None
-        described = tuple((name, self.value(glob[name], False))
-                          for name in _global_names(code) if name in glob)
-        return ("fn", code, _Ref(glob), f.__name__, self.value(f.__defaults__, arrays),
-                self.value(f.__kwdefaults__, arrays),
+        described = () if _is_library(f) else tuple(  # a library's globals are fixed
+            (name, self.value(glob[name], False)) for name in _global_names(code) if name in glob)
+        defaults, kwdefaults = f.__defaults__, f.__kwdefaults__
+        return ("fn", code, _Ref(glob), f.__name__,
+                None if defaults is None else self.value(defaults, arrays),
+                None if kwdefaults is None else self.value(kwdefaults, arrays),
                 tuple(self.value(c, arrays) for c in cells), described)
 
 
