@@ -366,6 +366,27 @@ def test_library_wrappers_are_fixed_and_wrappers_of_user_code_are_not():
     assert not compiled._fixed_library_function(user)
 
 
+def test_the_same_function_sees_reassigned_globals():
+    """One function object probed again after the globals it reads were reassigned (a
+    weight ``W = ...``, an activation, a helper redefined in a notebook cell): each call
+    equals the exact φ of what the function computes now, not a trace from before."""
+    compiled.clear_programs()
+    ns = {"__name__": "notebook", "jnp": jnp, "jax": jax}
+    exec("W = jnp.eye(4)\n"
+         "ACT = jnp.tanh\n"
+         "def helper(u):\n    return u\n"
+         "def f(z):\n    return helper(ACT(W @ z + 0.5))\n", ns)
+    f, x = ns["f"], jnp.linspace(-0.5, 0.5, 4)
+    seen = []
+    for edit in ("", "W = 3.0 * jnp.eye(4)", "ACT = jax.nn.relu",
+                 "def helper(u):\n    return 2.0 * u\n"):
+        exec(edit, ns)
+        exact = _exact_phi(f, x)
+        np.testing.assert_allclose(_phi(f, x), exact, rtol=1e-5, err_msg=edit)
+        assert all(abs(exact - e) > 1e-2 * exact for e in seen), edit  # each edit matters
+        seen.append(exact)
+
+
 USER_LINEN_MODEL = """
 import jax.numpy as jnp
 import flax.linen as nn

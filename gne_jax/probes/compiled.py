@@ -108,7 +108,10 @@ def hoist(fn: Callable, *example_args, argname: str | None = "fn",
     function's own error, unchanged).
     """
     try:
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*example_args)
+        # through a new function object: JAX caches traces by function object, and would
+        # serve ``fn``'s trace from before a global it reads was reassigned (``W = ...``)
+        closed, out_shape = jax.make_jaxpr(lambda *a: fn(*a), return_shape=True)(
+            *example_args)
     except Exception as e:
         if argname is None:
             raise  # the user's function raised: say which argument and why
