@@ -30,18 +30,24 @@ call, which is the whole overhead of an eager call on a network that runs in ten
 ms. When ``fn`` is built only from plain Python functions, ``functools.partial`` and
 bound methods, its structure can be read without tracing: the code objects, the
 closure cells, defaults and partial arguments (pytrees whose array leaves are
-collected, the rest compared by value), and every global name the code refers to
-(by value; a global array is not allowed). Two functions with equal descriptions
-trace to the same jaxpr, whose constants are the same positions among the collected
-arrays. So the first call of a description traces once and records that map from
-arrays to constants; later calls only collect the arrays, and run the program of the
-traced ``Structure`` (shared with every other form of the same computation). Anything
-the description cannot vouch for — a NumPy array or an unknown object in a closure, a
-global array, a global module or class of the user's (its attributes may be reassigned),
-a closure over a tracer, a recursive closure, a constant made while tracing — falls back
-to tracing. Library functions (jax, flax, numpy, this package...)
-without closures are compared by identity: like ``jax.jit``, a redefinition of a
-helper that a *library* function calls is not noticed. A user's global function is
+collected, the rest compared by value), and every global the code loads (by value; a
+global array is not allowed). A user's class (a Linen module's, a frozen dataclass's)
+is described with what its methods load and its class attributes. Two functions with
+equal descriptions trace to the same jaxpr, whose constants are the same positions
+among the collected arrays. So the first call of a description traces once and
+records that map from arrays to constants; the first later call with other arrays
+traces once more to check that the trace does not read the arrays' values (one that
+does is traced at every call from then on); later calls only collect the arrays, and
+run the program of the traced ``Structure`` (shared with every other form of the same
+computation). Anything the description cannot vouch for — a NumPy array or an
+unknown object in a closure, a global array, a global module of the user's (its
+attributes may be reassigned), a closure over a tracer, a recursive closure, a
+constant made while tracing — falls back to tracing, through a new function object
+so that JAX's trace cache (keyed by function object) never serves a trace made
+before a global was reassigned. Library functions (jax, flax, numpy, this
+package...) without user state (no closure, or a decorator's closure over library
+functions) are compared by identity: like ``jax.jit``, a redefinition of a helper
+that a *library* function calls is not noticed. A user's global function is
 described by its own code and globals, so redefining it, or any user function it
 calls, changes the description.
 """
@@ -54,6 +60,7 @@ import dis
 import functools
 import threading
 import types
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -399,8 +406,11 @@ def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
     The first call of a description traces ``fn`` (validation, output shapes) and
     records which of the arrays found in its closures are the jaxpr's constants, in
     which order; later calls with a function of the same description (and the same
-    pattern of repeated arrays) only collect their arrays. Returns the same
-    ``Structure`` as ``hoist``, so every form of one computation shares its program.
+    pattern of repeated arrays) only collect their arrays. The first later call with
+    other arrays traces once more to check that the trace does not read the arrays'
+    values (``float(w.max())``, ``np.asarray(w)`` in the function): one that does is
+    traced at every call. Returns the same ``Structure`` as ``hoist``, so every form of
+    one computation shares its program.
     """
     describer = _Describer()
     try:
@@ -414,8 +424,13 @@ def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
         if entry is not None:
             _FAST.move_to_end(key)
     if entry is not None and entry[1] is not None:
-        structure, order = entry
-        return structure, [leaves[i] for i in order]
+        structure, order, first = entry
+        if first is None or all(r() is a for r, a in zip(first, leaves, strict=True)):
+            return structure, [leaves[i] for i in order]
+        traced, consts = hoist(fn, *example_args, argname=argname, inputs=inputs)
+        with _LOCK:  # verified, or value-dependent: traced from now on
+            _FAST[key] = (structure, order if traced == structure else None, None)
+        return traced, consts
     structure, consts = hoist(fn, *example_args, argname=argname, inputs=inputs)
     if entry is None:
         index = {id(a): i for i, a in reversed(list(enumerate(leaves)))}
@@ -423,8 +438,11 @@ def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
         # a constant that is none of the collected arrays (made while tracing, e.g. from
         # a NumPy array): this description always traces
         order = None if None in order else tuple(order)
+        # the arrays of this first call, held weakly until a call with others checks
+        # that the trace does not depend on their values
+        first = tuple(weakref.ref(a) for a in leaves) if order is not None and leaves else None
         with _LOCK:
-            _FAST[key] = (structure, order)
+            _FAST[key] = (structure, order, first)
             while len(_FAST) > 4 * MAX_PROGRAMS:
                 _FAST.popitem(last=False)
     return structure, consts
