@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from flax.core import FrozenDict
 
@@ -152,6 +153,16 @@ def _trace(matvec, key, like, *, num_probes, method, dist, probe_chunk) -> Trace
     return est(matvec_flat, flat_like, key=key)
 
 
+def _raise_if_nonfinite_estimate(value, what: str) -> None:
+    """Eager only: a NaN or inf trace estimate raises (a NaN weight, an overflowing loss);
+    under ``jit``/``vmap`` the value is returned as it is."""
+    if is_concrete(value) and not np.all(np.isfinite(np.asarray(value))):
+        raise ValueError(
+            f"{what} produced a non-finite value (NaN or inf): the trace estimate is "
+            "undefined. Check the operator (overflow, a NaN in the parameters or data)."
+        )
+
+
 def _trace_program(matvec, key, *, like, **opts):
     return _trace(matvec, key, like.tree(), **opts)
 
@@ -176,8 +187,10 @@ def trace(matvec: Matvec, like: PyTree, legacy_like: PyTree = None, /, *,
     abstract = AbstractTree(like)
     if not is_concrete((like, key)):
         return _trace(matvec, key, like, **opts)
-    return compiled.call(_trace_program, dict(like=abstract, **opts),
-                         [(matvec, (abstract.tree(),), "matvec")], (key,))
+    result = compiled.call(_trace_program, dict(like=abstract, **opts),
+                           [(matvec, (abstract.tree(),), "matvec")], (key,))
+    _raise_if_nonfinite_estimate(result.value, "matvec")
+    return result
 
 
 def _hoisted_loss(loss_fn, params):
@@ -215,7 +228,9 @@ def hessian_trace(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
     spec = _hoisted_loss(loss_fn, params)
     if not is_concrete((params, key)):
         return _hessian_trace_program(loss_fn, params, key, **opts)
-    return compiled.call(_hessian_trace_program, opts, [spec], (params, key))
+    result = compiled.call(_hessian_trace_program, opts, [spec], (params, key))
+    _raise_if_nonfinite_estimate(result.value, "Hessian-vector product")
+    return result
 
 
 @struct.dataclass
@@ -326,8 +341,10 @@ def group_traces(matvec: Matvec, like: PyTree, legacy_like: PyTree = None, /, *,
     abstract = AbstractTree(like)
     if not is_concrete((like, key)):
         return _group_traces(matvec, key, like, **opts)
-    return compiled.call(_group_traces_program, dict(like=abstract, **opts),
-                         [(matvec, (abstract.tree(),), "matvec")], (key,))
+    result = compiled.call(_group_traces_program, dict(like=abstract, **opts),
+                           [(matvec, (abstract.tree(),), "matvec")], (key,))
+    _raise_if_nonfinite_estimate(result.total.value, "matvec")
+    return result
 
 
 def _hessian_group_traces_program(loss_fn, params, key, **opts):
@@ -348,7 +365,9 @@ def hessian_group_traces(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
     spec = _hoisted_loss(loss_fn, params)
     if not is_concrete((params, key)):
         return _hessian_group_traces_program(loss_fn, params, key, **opts)
-    return compiled.call(_hessian_group_traces_program, opts, [spec], (params, key))
+    result = compiled.call(_hessian_group_traces_program, opts, [spec], (params, key))
+    _raise_if_nonfinite_estimate(result.total.value, "Hessian-vector product")
+    return result
 
 
 def _hessian_eig_program(loss_fn, params, key, **opts):

@@ -17,6 +17,7 @@ from gne_jax.curvature import (
     hessian_matvec,
     hessian_trace,
     parameter_groups,
+    trace,
 )
 
 SIZES = (5, 8, 8, 3)  # input, two hidden layers, output
@@ -208,3 +209,30 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="num_steps=500"):
         hessian_eigenpairs(lambda p: squared_loss(p, x, y), params, key=jax.random.key(0),
                            num_steps=500)
+
+
+def test_non_finite_trace_estimates_raise_eagerly():
+    """A NaN weight makes every HVP NaN: the eager trace functions say so (as the Lanczos
+    ones do) instead of returning NaN; under jit the NaN is returned as it is."""
+    params = init_mlp(jax.random.key(0))
+    x, y = data()
+    bad = jax.tree.map(lambda a: a, params)
+    bad["layer0"]["kernel"] = bad["layer0"]["kernel"].at[0, 0].set(jnp.nan)
+    key = jax.random.key(0)
+
+    def loss(p):
+        return squared_loss(p, x, y)
+
+    with pytest.raises(ValueError, match="Hessian-vector product produced a non-finite"):
+        hessian_trace(loss, bad, key=key, num_probes=4)
+    with pytest.raises(ValueError, match="Hessian-vector product produced a non-finite"):
+        hessian_group_traces(loss, bad, key=key, num_probes=4)
+    with pytest.raises(ValueError, match="matvec produced a non-finite"):
+        trace(lambda v: jax.tree.map(lambda a: jnp.nan * a, v), params, key=key, num_probes=4)
+    with pytest.raises(ValueError, match="matvec produced a non-finite"):
+        group_traces(lambda v: jax.tree.map(lambda a: jnp.nan * a, v), params, key=key,
+                     num_probes=4)
+    assert np.isnan(float(jax.jit(lambda p: hessian_trace(loss, p, key=key,
+                                                           num_probes=4).value)(bad)))
+    # the finite case is unchanged
+    assert np.isfinite(float(hessian_trace(loss, params, key=key, num_probes=4).value))

@@ -336,6 +336,12 @@ def test_non_finite_errors_name_the_true_cause():
     key = jax.random.key(0)
     with pytest.raises(FloatingPointError, match="`x` contains non-finite"):
         jacobian_moments(lambda z: 2 * z, jnp.array([1.0, jnp.nan]), key=key)
+    # an inf that a saturating function maps to a finite output (J = 0 there), not φ = 0
+    for method in ("hutchinson", "exact"):
+        with pytest.raises(FloatingPointError, match="`x` contains non-finite"):
+            jacobian_moments(jnp.tanh, jnp.array([jnp.inf, jnp.inf]), key=key, method=method)
+    r = jax.jit(lambda z: jacobian_moments(jnp.tanh, z, key=key))(jnp.full(2, jnp.inf))
+    assert not bool(r.finite)
     w = jnp.array([[1.0, jnp.nan], [0.0, 1.0]])
     with pytest.raises(FloatingPointError, match="NaN weight"):
         jacobian_moments(lambda z: w @ z, jnp.ones(2), key=key)

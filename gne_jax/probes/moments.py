@@ -69,7 +69,7 @@ class JacobianMoments:
       num_matvecs: probes spent (each one VJP + one JVP); 0 for ``"exact"`` (static).
       size: the normalizing dimension (m for "output", n for "input") (static).
       out_size, in_size: m and n (static).
-      finite: False when fn(x) or a probe was non-finite (only reachable under an
+      finite: False when x, fn(x) or a probe was non-finite (only reachable under an
         outer jit/vmap; an eager call raises instead).
 
     Static fields are not pytree leaves: results pass through ``jax.jit``, ``jax.vmap``
@@ -205,7 +205,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _moment_samples(fn, x, key, *, num_probes, method, dist, normalize, probe_chunk):
-    """Per-probe (a ≈ φ, b ≈ φ₂) and whether fn(x) is finite (traceable; no checks).
+    """Per-probe (a ≈ φ, b ≈ φ₂) and whether x and fn(x) are finite (traceable; no checks).
 
     For ``method="exact"`` a and b hold the exact φ and φ₂ (length 1).
     """
@@ -220,7 +220,8 @@ def _moment_samples(fn, x, key, *, num_probes, method, dist, normalize, probe_ch
     else:
         a, b = _hutchpp_samples(ops, key, num_probes, dist)
         a, b = a / size, b / size
-    return a, b, _all_finite(ops.out)
+    # x too: a saturating fn (tanh) maps an inf input to a finite output with J = 0 there
+    return a, b, _all_finite((x, ops.out))
 
 
 def _moment_stats(a, b, out_finite, *, exact, eps):
