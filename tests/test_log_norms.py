@@ -73,24 +73,78 @@ def test_scalar_chain_constants():
 
 
 def test_compiles_once_per_structure():
-    """New weight states (new arrays, same shapes) reuse one compiled program."""
-    from gne_jax.probes import log_norms as mod
+    """New weight states, passed as ``params`` or closed over, reuse one compiled program
+    per form (compilations counted with JAX's monitoring events); the values are the
+    exact Jacobian's."""
+    from gne_jax.probes import compiled
 
     d, L = 8, 3
-    jitted = mod._measure_jit()
-    before = jitted._cache_size()
-    for s in range(3):
-        Ws = jax.random.normal(jax.random.key(s), (L, d, d)) / math.sqrt(d)
-        log_norms(chain, jnp.ones(d), params=Ws, key=jax.random.key(s), num_probes=4)
-    assert jitted._cache_size() == before + 1
+    x = jnp.linspace(-1.0, 1.0, d)
+    v = jax.random.normal(jax.random.key(9), (4, d))
+    events = []
+
+    def listener(name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    compiled.clear_programs()
+    states = [jax.random.normal(jax.random.key(s), (L, d, d)) / math.sqrt(d) for s in range(4)]
+    forms = [lambda Ws: dict(fn=relu_chain, params=Ws),
+             lambda Ws: dict(fn=lambda z: relu_chain(Ws, z))]
+    for form in forms:
+        log_norms(x=x, probes=v, **form(states[0]))  # compiles this form's program
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            results = [log_norms(x=x, probes=v, **form(Ws)) for Ws in states[1:]]
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        assert not events, f"{len(events)} compilations over 3 new weight states"
+        for Ws, r in zip(states[1:], results, strict=True):
+            J = np.asarray(jax.jacfwd(lambda z, Ws=Ws: relu_chain(Ws, z))(x), np.float64)
+            vv = np.asarray(v, np.float64)
+            want = np.log(((vv @ J.T) ** 2).sum(1) / (vv**2).sum(1))
+            np.testing.assert_allclose(np.asarray(r.log_ratio), want, rtol=1e-5, atol=1e-5)
+
+
+def test_results_pass_through_jit_and_vmap_with_the_finite_flag():
+    Ws = jax.random.normal(jax.random.key(0), (3, 6, 6)) / math.sqrt(6)
+    key = jax.random.key(1)
+    eager = log_norms(chain, jnp.ones(6), params=Ws, key=key, num_probes=8)
+    jitted = jax.jit(lambda W: log_norms(chain, jnp.ones(6), params=W, key=key,
+                                         num_probes=8))(Ws)
+    np.testing.assert_allclose(np.asarray(jitted.log_ratio), np.asarray(eager.log_ratio),
+                               rtol=1e-5)
+    assert bool(eager.finite) and jitted.direction == "forward"
+    bad = jax.jit(lambda z: log_norms(jnp.tanh, z, key=key, num_probes=4))(
+        jnp.array([jnp.inf, 1.0]))
+    assert not bool(bad.finite)
 
 
 def test_bad_arguments():
+    key = jax.random.key(0)
     with pytest.raises(ValueError, match="direction"):
-        log_norms(jnp.sin, jnp.ones(3), key=jax.random.key(0), direction="sideways")
+        log_norms(jnp.sin, jnp.ones(3), key=key, direction="sideways")
     with pytest.raises(TypeError, match="key"):
         log_norms(jnp.sin, jnp.ones(3))
     with pytest.raises(TypeError, match="x"):
-        log_norms(jnp.sin, jnp.ones(3, jnp.int32), key=jax.random.key(0))
+        log_norms(jnp.sin, jnp.ones(3, jnp.int32), key=key)
     with pytest.raises(ValueError, match="num_probes"):
-        log_norms(jnp.sin, jnp.ones(3), key=jax.random.key(0), num_probes=0)
+        log_norms(jnp.sin, jnp.ones(3), key=key, num_probes=0)
+    with pytest.raises(ValueError, match="`x` is empty"):
+        log_norms(lambda z: 2 * z, jnp.zeros(0), key=key)
+    with pytest.raises(FloatingPointError, match="`x` contains non-finite"):
+        log_norms(jnp.tanh, jnp.array([jnp.inf, 1.0, 2.0]), key=key)
+    with pytest.raises(ValueError, match=r"`probes` holds probes of 4 elements.*size, 3"):
+        log_norms(jnp.sin, jnp.ones(3), probes=jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"fn\(x\)'s size, 2"):
+        log_norms(lambda z: z[:2], jnp.ones(3), probes=jnp.ones((2, 3)), direction="backward")
+    with pytest.raises(ValueError, match="dist"):
+        log_norms(jnp.sin, jnp.ones(3), key=key, dist="uniform")
+
+
+def test_the_former_distribution_name_still_works_with_a_warning():
+    x = jnp.linspace(-1.0, 1.0, 5)
+    with pytest.warns(DeprecationWarning, match="dist='normal'"):
+        old = log_norms(jnp.tanh, x, key=jax.random.key(0), dist="gaussian")
+    new = log_norms(jnp.tanh, x, key=jax.random.key(0), dist="normal")
+    np.testing.assert_array_equal(np.asarray(old.log_ratio), np.asarray(new.log_ratio))
