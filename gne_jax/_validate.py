@@ -136,13 +136,49 @@ def renamed_argument(new_value, old_value, *, new: str, old: str, default):
 
 def legacy_key(like, legacy, key, *, like_name: str = "like"):
     """``(like, key)`` from a call in the new ``f(op, like, *, key=...)`` form or the old
-    positional ``f(op, key, like)`` form (kept one release, with a ``DeprecationWarning``).
+    positional ``f(op, key, like)`` form (kept one release, with a ``DeprecationWarning``);
+    ``like`` is checked to be a non-empty pytree of real floating arrays.
     """
-    if legacy is None:
-        return like, key
-    if key is not None:
-        raise TypeError(f"pass `key` by keyword only: f(..., {like_name}, key=key).")
-    warnings.warn(
-        f"passing `key` positionally before `{like_name}` is deprecated and will be removed in "
-        f"the next release; call f(..., {like_name}, key=key).", DeprecationWarning, stacklevel=3)
-    return legacy, like
+    if legacy is not None:
+        if key is not None:
+            raise TypeError(f"pass `key` by keyword only: f(..., {like_name}, key=key).")
+        warnings.warn(
+            f"passing `key` positionally before `{like_name}` is deprecated and will be removed "
+            f"in the next release; call f(..., {like_name}, key=key).", DeprecationWarning,
+            stacklevel=3)
+        like, key = legacy, like
+    check_operator_space(like, like_name)
+    return like, key
+
+
+def check_operator_space(like, argname: str = "like") -> None:
+    """``like`` gives the shapes and dtype of an operator's vectors: real floating, not empty."""
+    leaves = jax.tree.leaves(like)
+    for leaf in leaves:
+        dtype = leaf_dtype(leaf)
+        if _dtype_kind(dtype) != "real":
+            raise TypeError(
+                f"`{argname}` must hold real floating-point arrays (the operator's vectors are "
+                f"drawn shaped and typed like it); found a leaf of dtype {dtype} and shape "
+                f"{jnp.shape(leaf)}. Cast it, e.g. like.astype(jnp.float32).")
+    if sum(math.prod(np.shape(leaf)) for leaf in leaves) == 0:
+        raise ValueError(f"`{argname}` has no elements (shapes "
+                         f"{[tuple(jnp.shape(a)) for a in leaves]}): there is no vector space.")
+
+
+def square_matvec(matvec, like, argname: str = "matvec"):
+    """``matvec``, checking when it is traced that it maps a vector shaped like ``like`` to
+    one of the same tree and shapes (a square operator): a wrong operator is named before
+    anything is compiled, not in a shape error from deep inside the estimator."""
+
+    def checked(v):
+        out = matvec(v)
+        shapes = [tuple(jnp.shape(a)) for a in jax.tree.leaves(out)]
+        want = [tuple(jnp.shape(a)) for a in jax.tree.leaves(like)]
+        if jax.tree.structure(out) != jax.tree.structure(like) or shapes != want:
+            raise ValueError(
+                f"`{argname}` must map a vector shaped like `like` to one of the same shapes "
+                f"(a square operator); it maps shapes {want} to {shapes}.")
+        return out
+
+    return checked

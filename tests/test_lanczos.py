@@ -148,6 +148,18 @@ def test_bad_input_errors():
         eigh_extreme(5, 2, which="top")
     with pytest.raises(ValueError, match="reortho"):
         lanczos_tridiag(3, reortho="partial")
+    with pytest.raises(ValueError, match="reortho"):
+        eigh_extreme(5, 2, reortho="partial")
+    with pytest.raises(TypeError, match="`num_steps` must be a Python int"):
+        eigh_extreme("5", 2)
+    with pytest.raises(TypeError, match="`num_steps` must be a Python int"):
+        eigh_extreme(10.0, 2)
+    with pytest.raises(TypeError, match="`num_eigs` must be a Python int"):
+        eigh_extreme(5, True)
+    with pytest.raises(ValueError, match="`num_steps` must be >= 1"):
+        eigh_extreme(0, 0)
+    with pytest.raises(ValueError, match=r"`matvec` must map .* \[\(10,\)\] to \[\(9,\)\]"):
+        eigh_extreme(5, 1)(lambda v: (a @ v)[:9], jnp.zeros(10), key=jax.random.key(0))
     with pytest.raises(ValueError, match="not symmetric"):
         check_symmetric(lambda v: jnp.triu(a) @ v, jnp.zeros(10), key=jax.random.key(0))
     with pytest.raises(ValueError, match="not symmetric"):

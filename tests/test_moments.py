@@ -276,6 +276,10 @@ def test_input_that_fn_rejects_names_the_argument():
     W = jnp.ones((4, 5))
     with pytest.raises(ValueError, match=r"`fn` rejected the input `x`.*\(3,\)"):
         jacobian_moments(lambda z: W @ z, jnp.ones(3), key=KEY)
+    with pytest.raises(TypeError, match="`exact_max_entries` must be a Python int"):
+        jacobian_moments(jnp.tanh, jnp.ones(3), method="exact", exact_max_entries="big")
+    with pytest.raises(ValueError, match="`exact_max_entries` must be >= 1"):
+        jacobian_moments(jnp.tanh, jnp.ones(3), method="exact", exact_max_entries=-1)
 
 
 def test_non_finite_output_raises_clear_error():

@@ -172,6 +172,12 @@ def test_bad_input_errors():
         spectral_density(lambda v: jnp.triu(jnp.ones((6, 6))) @ v, like, key=key, num_steps=3)
     with pytest.raises(ValueError, match="sigma"):
         smooth_density(jnp.ones((1, 3)), jnp.ones((1, 3)) / 3, jnp.linspace(0, 2, 5), -0.5)
+    with pytest.raises(ValueError, match=r"`grid` must be a 1-D array.*\(3, 3\)"):
+        spectral_density(mv, like, key=key, num_steps=3, grid=jnp.zeros((3, 3)))
+    with pytest.raises(TypeError, match="`like` must hold real floating-point arrays"):
+        spectral_density(mv, jnp.zeros(6, jnp.int32), key=key, num_steps=3)
+    with pytest.raises(ValueError, match=r"`matvec` must map .* shapes \[\(6,\)\] to \[\(5,\)\]"):
+        spectral_density(lambda v: v[:5], like, key=key, num_steps=3)
     # Non-finite operator: clear error eagerly, flag (no NaN in the density) under jit.
     bad = lambda v: jnp.log(v[0] - 10.0) * (a @ v)  # log of a negative number: NaN
     with pytest.raises(ValueError, match="non-finite"):

@@ -61,3 +61,10 @@ def test_bad_arguments():
         hutchinson(8, dist="cauchy")
     with pytest.raises(ValueError, match="dimension"):
         hutchpp(30)(lambda v: v, jnp.zeros(5), key=KEY)
+    for estimator in (hutchinson(4), hutchpp(6)):
+        with pytest.raises(ValueError, match=r"`matvec` must map .* \[\(5,\)\] to \[\(4,\)\]"):
+            estimator(lambda v: v[:4], jnp.zeros(5), key=KEY)
+        with pytest.raises(ValueError, match="`like` has no elements"):
+            estimator(lambda v: v, jnp.zeros(0), key=KEY)
+        with pytest.raises(TypeError, match="`like` must hold real floating-point"):
+            estimator(lambda v: v, jnp.zeros(5, jnp.int32), key=KEY)

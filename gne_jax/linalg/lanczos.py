@@ -53,7 +53,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from gne_jax._tree import is_concrete, tree_size
-from gne_jax._validate import check_key, legacy_key
+from gne_jax._validate import check_key, check_positive_int, legacy_key, square_matvec
 from gne_jax.probes import compiled
 from gne_jax.probes.compiled import AbstractTree, probe_compiler_options
 from gne_jax.probes.stochtrace import rademacher
@@ -139,6 +139,8 @@ def ravel_like(like: PyTree):
 def flatten_matvec(matvec: Callable[[PyTree], PyTree], like: PyTree):
     """Return ``(matvec_flat, unravel, n)`` acting on ``ravel_pytree(like)`` vectors."""
     flat, unravel = ravel_like(like)
+
+    matvec = square_matvec(matvec, like)
 
     def matvec_flat(v):
         return ravel_pytree(matvec(unravel(v)))[0]
@@ -479,7 +481,11 @@ def eigh_extreme(
     """
     if which not in _WHICH:
         raise ValueError(f"which={which!r} is not one of {_WHICH}")
-    if not isinstance(num_eigs, int) or num_eigs < 1 or num_eigs > num_steps:
+    if reortho not in _REORTHO:
+        raise ValueError(f"reortho={reortho!r} is not one of {_REORTHO}")
+    check_positive_int(num_steps, "num_steps")
+    check_positive_int(num_eigs, "num_eigs")
+    if num_eigs > num_steps:
         raise ValueError(f"num_eigs must be an int in [1, num_steps={num_steps}], got {num_eigs!r}")
     if which == "both" and 2 * num_eigs > num_steps:
         raise ValueError(

@@ -314,7 +314,11 @@ def _jacobian_density_program(fn, x, key, arrays, **opts):
 
 def _density_arrays(sigma, rel_sigma, grid, log_floor) -> dict:
     values = dict(sigma=sigma, rel_sigma=rel_sigma, grid=grid, log_floor=log_floor)
-    return {k: jnp.asarray(v) for k, v in values.items() if v is not None}
+    arrays = {k: jnp.asarray(v) for k, v in values.items() if v is not None}
+    if "grid" in arrays and (arrays["grid"].ndim != 1 or arrays["grid"].shape[0] < 1):
+        raise ValueError(f"`grid` must be a 1-D array of evaluation points; got shape "
+                         f"{arrays['grid'].shape}.")
+    return arrays
 
 
 def _finish(result, sym, what):

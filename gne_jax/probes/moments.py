@@ -324,6 +324,7 @@ def jacobian_moments(
     """
     check_moment_options(num_probes=num_probes, method=method, dist=dist, normalize=normalize,
                          probe_chunk=probe_chunk)
+    check_positive_int(exact_max_entries, "exact_max_entries")
     if not callable(fn):
         raise TypeError(f"`fn` must be a callable; got {type(fn).__name__}.")
     check_input_tree(x, "x")

@@ -33,6 +33,7 @@ from gne_jax._validate import (
     check_positive_int,
     legacy_key,
     renamed_argument,
+    square_matvec,
 )
 from gne_jax.linalg.qr import qr
 from gne_jax.probes import compiled
@@ -178,6 +179,7 @@ def _estimate(impl, opts, matvec, like, key) -> TraceEstimate:
 
 def _hutchinson(matvec, key, *, like, num_probes, dist, probe_chunk) -> TraceEstimate:
     like = like.tree()
+    matvec = square_matvec(matvec, like)
 
     def one(k_):
         v = sample_probe(k_, like, dist)
@@ -241,6 +243,7 @@ def _hutchpp(matvec, key, *, like, num_probes, dist) -> TraceEstimate:
     s, r = hutchpp_split(num_probes)
     flat_like, unravel = ravel_pytree(jax.tree.map(jnp.zeros_like, like.tree()))
     n, dtype = flat_like.shape[0], _float_dtype(flat_like)
+    matvec = square_matvec(matvec, like.tree())
 
     def mv(v):
         return ravel_pytree(matvec(unravel(v)))[0]
