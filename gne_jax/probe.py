@@ -14,7 +14,7 @@ from ml_collections import config_flags
 
 from gne_jax._cache import enable_compilation_cache
 from gne_jax._cli import unknown_override
-from gne_jax.probes.job import format_table, run_probe
+from gne_jax.probes.job import format_table, run_probe, swept_fields
 
 
 def define_flags() -> None:
@@ -24,13 +24,36 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
+def swept_override(argv: list[str], config) -> str | None:
+    """A message when ``argv`` overrides a model field that a sweep axis sets: the sweep
+    would replace the value in every variant, so the override would be silently lost."""
+    axes = config.sweep.to_dict() if config.sweep is not None else {}
+    for a in argv:
+        if not a.startswith("--config.model."):
+            continue
+        field = a[len("--config.model."):].split("=", 1)[0]
+        setters = [name for name, values in axes.items()
+                   if field in swept_fields({name: values})]
+        if setters:
+            return (f"--config.model.{field}: the sweep axis {setters[0]!r} sets `{field}` in "
+                    f"every variant, which would replace this value. Change the axis instead, "
+                    f"e.g. --config.sweep.{setters[0]}=\"({axes[setters[0]][0]!r},)\".")
+    return None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    message = swept_override(sys.argv, flags.FLAGS.config)
+    if message is not None:
+        raise SystemExit(f"error: {message}")
     # The job is compile-bound (two XLA programs per variant): keep compiled programs on
     # disk so that re-running a config, or a sweep that shares variants, skips compiling.
     enable_compilation_cache()
-    rows = run_probe(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        rows = run_probe(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ValueError, TypeError, PermissionError) as err:  # a bad value: one line, no trace
+        raise SystemExit(f"error: {err}") from None
     print(format_table(rows))
 
 

@@ -62,6 +62,12 @@ def test_quickstart_at_tiny_size_writes_results_and_never_overwrites(tmp_path):
     assert all(int(r["n_inits"]) == 2 for r in table)
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["config"]["num_inits"] == 2 and len(data["rows"]) == len(rows)
+    # a run that fails in a workdir holding results leaves nothing behind
+    bad = tiny_quickstart()
+    bad.model.depth = -4
+    with pytest.raises(ValueError, match="depth"):
+        run_probe(bad, str(tmp_path))
+    assert not list(tmp_path.glob("run-*"))
     # a second run into the same workdir goes to run-2 and leaves the first files alone
     before = (tmp_path / "results.csv").read_bytes()
     c.sweep.activation = [{"activation": "tanh", "label": "tanh"}]
@@ -106,17 +112,30 @@ def test_command_line(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "GNE_JAX_CACHE_DIR": str(tmp_path / "cache")}
     out = subprocess.run(
         [sys.executable, "-m", "gne_jax.probe", "--config", str(ROOT / "configs/probe/smoke.py"),
-         "--workdir", str(tmp_path), "--config.num_inits=1", "--config.num_probes=2"],
+         "--workdir", str(tmp_path), "--config.num_inits=1", "--config.num_probes=2",
+         "--config.sweep.normalization=('none',)"],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "worst block" in out.stdout
     table = read_csv(tmp_path / "results.csv")
     assert {r["n_inits"] for r in table} == {"1"}
+    assert {r["normalization"] for r in table} == {"none"}  # a sweep axis set from the CLI
     bad = subprocess.run(
         [sys.executable, "-m", "gne_jax.probe", "--config", str(ROOT / "configs/probe/smoke.py"),
          "--workdir", str(tmp_path / "x"), "--config.nonexistent=1"],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert bad.returncode != 0 and "nonexistent" in bad.stderr
+    # a bad value is one line naming it, not a traceback; overriding a field that a sweep
+    # axis sets (and would silently replace) is refused, naming the axis to change
+    for override, message in [("--config.model.depth=-4", "error: Config `depth` must be"),
+                              ("--config.model.init=orthogonal", "the sweep axis 'init' sets")]:
+        bad = subprocess.run(
+            [sys.executable, "-m", "gne_jax.probe", "--config",
+             str(ROOT / "configs/probe/smoke.py"), "--workdir", str(tmp_path), override],
+            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
+        assert "Traceback" not in bad.stderr
+    assert not list(tmp_path.glob("run-*"))  # neither failure left a run directory
 
 
 def test_bdi_verdict_judges_body_blocks_from_the_input_side():

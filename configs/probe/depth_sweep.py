@@ -19,11 +19,11 @@ def get_config():
     c.model.activation = "tanh"
     c.model.num_classes = None
     c.sweep = ml_collections.ConfigDict()
-    c.sweep.init = [
+    c.sweep.init = (
         {"init": "kaiming_normal", "gain": 1.0, "label": "gaussian"},
         {"init": "orthogonal", "gain": 1.0, "label": "orthogonal"},
-    ]
-    c.sweep.depth = [4, 8, 16, 32, 64]
+    )
+    c.sweep.depth = (4, 8, 16, 32, 64)
     c.input_shape = (4, 256)
     c.input_scale = 0.3
     c.num_inits = 8

@@ -19,16 +19,16 @@ def get_config():
     c.model = default_config("serial_cnn")
     c.model.depth = 32
     c.sweep = ml_collections.ConfigDict()
-    c.sweep.init = [
+    c.sweep.init = (
         {"init": "kaiming_normal", "label": "gaussian"},
         {"init": "delta_orthogonal", "label": "orthogonal"},
-    ]
-    c.sweep.activation = [
+    )
+    c.sweep.activation = (
         {"activation": "tanh", "label": "tanh"},
         {"activation": "relu", "label": "relu"},
         {"activation": "leaky_relu", "negative_slope": 0.3, "label": "leaky_relu(0.3)"},
-    ]
-    c.sweep.normalization = ["none", "batchnorm"]
+    )
+    c.sweep.normalization = ("none", "batchnorm")
     c.input_shape = (4, 16, 16, 3)
     c.input_scale = 1.0
     c.num_inits = 4

@@ -15,11 +15,11 @@ def get_config():
     c.model.depth = 8
     c.model.widths = (4, 4, 4)
     c.sweep = ml_collections.ConfigDict()
-    c.sweep.init = [
+    c.sweep.init = (
         {"init": "kaiming_normal", "label": "gaussian"},
         {"init": "delta_orthogonal", "label": "orthogonal"},
-    ]
-    c.sweep.normalization = ["batchnorm"]
+    )
+    c.sweep.normalization = ("batchnorm",)
     c.input_shape = (2, 8, 8, 3)
     c.input_scale = 1.0
     c.num_inits = 2

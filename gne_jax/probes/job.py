@@ -59,25 +59,39 @@ def check_config(config: Mapping) -> None:
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> Path:
-    """The directory this run writes to, checked writable before any work starts.
+    """``workdir``, created if needed and checked writable before any work starts.
 
-    If ``workdir`` already holds results, returns the first free ``workdir/run-N``.
+    Nothing else is created here: the run's own directory is made when its results are
+    written (``results_dir``), so a run that fails leaves no empty ``run-N`` behind.
     """
     root = Path(workdir)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        out = root
-        if any((root / f).exists() for f in RESULT_FILES):
-            n = 2
-            while (root / f"run-{n}").exists():
-                n += 1
-            out = root / f"run-{n}"
-            out.mkdir()
-        with tempfile.NamedTemporaryFile(dir=out):
+        with tempfile.NamedTemporaryFile(dir=root):
             pass
     except OSError as e:
         raise PermissionError(f"`workdir` {str(root)!r} cannot be written: {e}") from e
-    return out
+    return root
+
+
+def results_dir(root: Path) -> Path:
+    """Where a finished run writes: ``root``, or the first free ``root/run-N`` (N >= 2)
+    when ``root`` already holds results (created here)."""
+    if not any((root / f).exists() for f in RESULT_FILES):
+        return root
+    n = 2
+    while True:
+        out = root / f"run-{n}"
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            n += 1
+
+
+def swept_fields(axes: Mapping) -> set[str]:
+    """The model fields that the sweep's axes set (a base value of these is replaced)."""
+    return {k for _, overrides in sweep_variants(axes) for k in overrides}
 
 
 def _variant_columns(axes: Mapping) -> list[str]:
@@ -92,7 +106,7 @@ def run_probe(config: ml_collections.ConfigDict | Mapping, workdir: str) -> list
     config = ml_collections.ConfigDict(config) if not isinstance(
         config, ml_collections.ConfigDict) else config
     check_config(config)
-    out = prepare_workdir(workdir)
+    root = prepare_workdir(workdir)
     from gne_jax.models import create_model
 
     base = config.model.to_dict()
@@ -121,6 +135,7 @@ def run_probe(config: ml_collections.ConfigDict | Mapping, workdir: str) -> list
         for r in result_rows(p.result):
             rows.append({"variant": p.label, "model": p.config["name"],
                          **{c: p.config.get(c) for c in vcols}, **r})
+    out = results_dir(root)
     write_results(out, config, rows)
     if config.plot:
         plot_results(out, rows, depth_axis="depth" in axes)
