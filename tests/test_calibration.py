@@ -142,6 +142,10 @@ def test_rejects_bad_arguments():
         calibrate(model, v, x, key=jax.random.key(0), exclude=("nope",))
     with pytest.raises(ValueError, match="config"):
         calibrate(model, v, x, key=jax.random.key(0), start="theory")
+    with pytest.raises(TypeError, match="`variables` must be the model's Flax variables"):
+        calibrate(model, None, x, key=jax.random.key(0))
+    with pytest.raises(TypeError, match=r"`model` is a dict \(a model config\?\)"):
+        calibrate({"name": "mlp", "depth": 2, "width": 8}, v, x, key=jax.random.key(0))
 
 
 def test_compiles_once_per_structure(tanh_mlp):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -478,7 +478,13 @@ def calibrate(
     opts = Options(knob, num_probes, max_iter, dist, tol, 2.0, bool(verify), block_chunk,
                    method)
 
+    if isinstance(model, Mapping):
+        raise TypeError("`model` is a dict (a model config?): pass the model itself, "
+                        "gne_jax.create_model(config), and the config as `config=`.")
     if _is_block_model(model):
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise TypeError(f"`variables` must be the model's Flax variables (a dict with "
+                            f"'params', from model.init); got {type(variables).__name__}.")
         shapes = _structure(model, variables, x, bool(train))
         names = tuple(n for ns, _ in shapes for n in ns)
         block_params = [(ns, p) for ns, p in shapes]
