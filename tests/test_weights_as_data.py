@@ -471,6 +471,50 @@ def test_a_users_module_classes_are_read_with_what_their_methods_read(monkeypatc
             np.testing.assert_allclose(_phi(f, x), exact, rtol=1e-5, err_msg=edit)
 
 
+USER_NNX_MODEL = """
+import jax.numpy as jnp
+from flax import nnx
+
+ACT = jnp.tanh
+
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([nnx.Linear(6, 6, rngs=rngs) for _ in range(2)])
+
+    def __call__(self, z):
+        for layer in self.layers:
+            z = ACT(layer(z))
+        return z
+"""
+
+
+def test_an_nnx_module_is_read_without_tracing_and_with_its_classes(monkeypatch):
+    """An NNX module passed as ``fn`` (or closed over): new weights are not traced after
+    the first call and its check, and φ is the exact one; editing a global that the
+    module's ``__call__`` reads is seen."""
+    compiled.clear_programs()
+    traced = []
+    hoist = compiled.hoist
+    monkeypatch.setattr(compiled, "hoist", lambda *a, **k: traced.append(1) or hoist(*a, **k))
+    ns = {"__name__": "user_nnx_model"}
+    exec(USER_NNX_MODEL, ns)
+    from flax import nnx
+
+    models = [ns["Net"](nnx.Rngs(s)) for s in range(4)]
+    x = jnp.linspace(-1.0, 1.0, 6)
+    for make in (lambda m: m, lambda m: (lambda z: m(z))):
+        traced.clear()
+        for m in models:
+            np.testing.assert_allclose(_phi(make(m), x), _exact_phi(make(m), x), rtol=1e-5)
+        assert len(traced) == 2, f"{len(traced)} traces over 4 models (first call + check)"
+    before = _exact_phi(models[1], x)
+    exec("ACT = jnp.sin", ns)
+    for make in (lambda m: m, lambda m: (lambda z: m(z))):
+        exact = _exact_phi(make(models[1]), x)
+        assert abs(exact - before) > 1e-2 * before
+        np.testing.assert_allclose(_phi(make(models[1]), x), exact, rtol=1e-5)
+
+
 def test_fast_path_never_shares_a_program_between_different_functions():
     """Same code with different static values, a redefined global helper, repeated arrays:
     each probe equals the exact φ of its own function."""

@@ -58,6 +58,7 @@ import collections
 import dataclasses
 import dis
 import functools
+import sys
 import threading
 import types
 import weakref
@@ -183,7 +184,31 @@ def _is_library(obj) -> bool:
         module = obj.__globals__.get("__name__") or ""
     else:
         module = getattr(obj, "__module__", None) or ""
-    return module.partition(".")[0] in _LIBRARY_ROOTS
+    root = module.partition(".")[0]
+    return root in _LIBRARY_ROOTS or root in sys.stdlib_module_names
+
+
+@functools.lru_cache(maxsize=1024)
+def _user_node_types(treedef) -> tuple[type, ...]:
+    """The classes of a pytree structure's nodes that are the user's (an NNX module's, a
+    custom pytree's): their methods' code and globals are part of a description."""
+    found: dict[type, None] = {}
+    stack = [treedef]
+    while stack:
+        t = stack.pop()
+        data = t.node_data()
+        if data is not None and not _is_library(data[0]):
+            found[data[0]] = None
+        stack.extend(t.children())
+    return tuple(found)
+
+
+def _is_nnx_module(f) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(f, nnx.Module)
 
 
 def _fixed_library_function(f, depth: int = 4) -> bool:
@@ -310,6 +335,10 @@ class _Describer:
                 described.append(a.aval)  # what _array_key gives, without the call
             else:
                 described.append(self.leaf(a, arrays))
+        classes = _user_node_types(treedef)  # an NNX module's classes, a user's pytree class
+        if classes:
+            return ("tree", treedef, tuple(described),
+                    tuple(self.user_class(c) for c in classes))
         return ("tree", treedef, tuple(described))
 
     def callable(self, f, arrays: bool = True):
@@ -333,6 +362,8 @@ class _Describer:
         if isinstance(f, types.MethodType):
             return ("method", self.callable(f.__func__, arrays), self.value(f.__self__, arrays))
         if not isinstance(f, types.FunctionType):
+            if _is_nnx_module(f):  # a pytree: its arrays, structure and classes describe it
+                return ("pytree call", self.value(f, arrays))
             raise _Fallback
         if _fixed_library_function(f):
             return ("id", _Ref(f))
