@@ -27,12 +27,13 @@ call their implementation directly (see ``is_concrete``).
 
 **Fast path** (``hoist_fast``): tracing ``fn`` and printing its jaxpr costs a few ms per
 call, which is the whole overhead of an eager call on a network that runs in tens of
-ms. When ``fn`` is built only from plain Python functions, ``functools.partial`` and
-bound methods, its structure can be read without tracing: the code objects, the
-closure cells, defaults and partial arguments (pytrees whose array leaves are
-collected, the rest compared by value), and every global the code loads (by value; a
-global array is not allowed). A user's class (a Linen module's, a frozen dataclass's)
-is described with what its methods load and its class attributes. Two functions with
+ms. When ``fn`` is built only from plain Python functions, ``functools.partial``,
+bound methods and NNX modules (pytrees), its structure can be read without tracing:
+the code objects, the closure cells, defaults and partial arguments (pytrees whose
+array leaves are collected, the rest compared by value), and every global the code
+loads (by value; a global array is not allowed). A user's class (a Linen module's, a
+frozen dataclass's, an NNX module's or another pytree node's) is described with what
+its methods load and its class attributes. Two functions with
 equal descriptions trace to the same jaxpr, whose constants are the same positions
 among the collected arrays. So the first call of a description traces once and
 records that map from arrays to constants; the first later call with other arrays
