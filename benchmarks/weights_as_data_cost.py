@@ -5,20 +5,24 @@ Prints, for a tanh MLP (depth × width, one input vector, K Rademacher probes):
 * compile time of ``jacobian_moments`` over that of the raw jitted program that draws the
   probes and computes ‖Jᵀv‖², ‖JJᵀv‖² by vmap(VJP; JVP): first call minus a warm call, and
   the XLA backend compile durations (JAX monitoring events) of each program;
-* a call at a new weight state through a new closure (``lambda x: apply(new_params, x)``)
-  over the raw jitted probe called with the new parameters as arguments (medians of 3
-  rounds over N states, the two timed alternately);
+* a call at a new weight state over the raw jitted probe called with the new parameters
+  as arguments (medians of 3 rounds over N states, the two timed alternately), for each
+  form the weights come in (``--forms``): a new closure ``lambda x: apply(new_params, x)``,
+  ``functools.partial(model.apply, variables)`` of a Flax Linen MLP, an NNX MLP module
+  passed as the function (the same weights, transposed into the layers' kernels);
 * how many programs N such calls compiled (JAX monitoring events);
 * eager ``hessian_eigenpairs`` top-1 against a PyHessian-style power iteration in plain
   JAX (a jitted HVP called from a Python loop until the Rayleigh quotient changes by less
   than 1e-3 relative), first call (with compilation) and a second call at new weights.
 
     python benchmarks/weights_as_data_cost.py [--depth 16 --width 1024 --probes 64]
+        [--forms closure,linen-partial,nnx]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import time
 
@@ -44,6 +48,53 @@ def apply(params, x):
 def init(seed, depth, width):
     keys = jax.random.split(jax.random.key(seed), depth)
     return [jax.random.normal(k, (width, width)) / np.sqrt(width) for k in keys]
+
+
+def linen_form(depth, width):
+    """``params -> partial(model.apply, variables)`` of a Linen MLP computing ``apply``."""
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(depth):
+                x = jnp.tanh(nn.Dense(width, use_bias=False)(x))
+            return x
+
+    model = MLP()
+
+    def make(params):
+        variables = {"params": {f"Dense_{i}": {"kernel": w.T} for i, w in enumerate(params)}}
+        return functools.partial(model.apply, variables)
+
+    return make
+
+
+def nnx_form(depth, width):
+    """``params -> module``: an NNX MLP module computing ``apply``, passed as the function."""
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(width, width, use_bias=False, rngs=rngs)
+                                    for _ in range(depth)])
+
+        def __call__(self, x):
+            for layer in self.layers:
+                x = jnp.tanh(layer(x))
+            return x
+
+    graphdef, state = nnx.split(MLP(nnx.Rngs(0)))
+    leaves, treedef = jax.tree.flatten(state)
+
+    def make(params):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, [w.T for w in params]))
+
+    return make
+
+
+FORMS = {"closure": lambda depth, width: (lambda p: (lambda z: apply(p, z))),
+         "linen-partial": linen_form, "nnx": nnx_form}
 
 
 def raw_probe(num_probes):
@@ -101,7 +152,13 @@ def main():
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--probes", type=int, default=64)
     p.add_argument("--states", type=int, default=10)
+    p.add_argument("--forms", default="closure,linen-partial,nnx",
+                   help=f"comma-separated, of {sorted(FORMS)}")
     a = p.parse_args()
+    forms = a.forms.split(",")
+    unknown = sorted(set(forms) - set(FORMS))
+    if unknown:
+        p.error(f"--forms: unknown {unknown}; choose from {sorted(FORMS)}")
     x = jax.random.normal(jax.random.key(0), (a.width,))
     key = jax.random.key(1)
     states = [init(s, a.depth, a.width) for s in range(a.states + 2)]
@@ -121,16 +178,28 @@ def main():
     c_ours, w_ours = first_minus_warm(lambda: ours(states[0]))
     xla_ours = list(events)
     events.clear()
-    # interleaved (ours, raw) at each new state, three rounds: load drift hits both alike
-    times = {"ours": [], "raw": []}
-    for _ in range(3):
-        for s in states[2:]:
-            times["ours"].append(elapsed(ours, s))
-            times["raw"].append(elapsed(raw, s, x, key))
-    n_compiled = len(events)
+    # each form: its weight states built first (not timed), a first call and its check
+    # untimed, then (form, raw) interleaved at each new state, three rounds: load drift hits
+    # both alike
+    per_form = {}
+    for form in forms:
+        make = FORMS[form](a.depth, a.width)
+        fns = [make(s) for s in states]
+
+        def call(f):
+            return jacobian_moments(f, x, key=key, num_probes=a.probes).phi
+
+        call(fns[0]), call(fns[1])
+        events.clear()
+        times = {"ours": [], "raw": []}
+        for _ in range(3):
+            for f, s in zip(fns[2:], states[2:], strict=True):
+                times["ours"].append(elapsed(call, f))
+                times["raw"].append(elapsed(raw, s, x, key))
+        per_form[form] = (np.median(times["ours"]), np.median(times["raw"]), len(events),
+                          float(call(fns[1])))
     jax.monitoring.unregister_event_duration_listener(listener)
-    t_ours, t_raw = np.median(times["ours"]), np.median(times["raw"])
-    phi_ours, phi_raw = float(ours(states[1])), float(raw(states[1], x, key)[0])
+    phi_raw = float(raw(states[1], x, key)[0])
 
     print(f"# device: {jax.devices()[0].device_kind} ({platform.machine()}), jax {jax.__version__}")
     print(f"# tanh MLP depth {a.depth}, width {a.width}, one input, {a.probes} probes")
@@ -140,11 +209,12 @@ def main():
           f"(the probe program, then the statistics program shared by all structures), raw "
           f"{[round(d, 2) for d in xla_raw]} s; probe program / raw "
           f"{max(xla_ours) / max(xla_raw):.2f}, all / raw {sum(xla_ours) / sum(xla_raw):.2f}")
-    print(f"call at a new weight state (new closure): {t_ours * 1e3:.3g} ms, raw jitted "
-          f"{t_raw * 1e3:.3g} ms, ratio {t_ours / t_raw:.2f} "
-          f"(warm same-state calls: {w_ours * 1e3:.3g} / {w_raw * 1e3:.3g} ms)")
-    print(f"programs compiled over {3 * a.states} calls at new weight states: {n_compiled}")
-    print(f"phi: ours {phi_ours:.5f}, raw {phi_raw:.5f} (independent probe draws)")
+    print(f"warm same-state calls (closure): {w_ours * 1e3:.3g} ms, raw {w_raw * 1e3:.3g} ms")
+    for form, (t_ours, t_raw, n_compiled, phi) in per_form.items():
+        print(f"call at a new weight state ({form}): {t_ours * 1e3:.3g} ms, raw jitted "
+              f"{t_raw * 1e3:.3g} ms, ratio {t_ours / t_raw:.2f}; programs compiled over "
+              f"{3 * a.states} calls: {n_compiled}; phi {phi:.5f} (raw {phi_raw:.5f}, "
+              f"independent probe draws)")
 
     # eager Hessian top eigenvalue vs PyHessian-style power iteration
     kx, ky = jax.random.split(jax.random.key(2))
