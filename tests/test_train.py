@@ -123,6 +123,36 @@ def test_gradient_norms_are_recorded_before_clipping(tmp_path):
     assert len(result.history) == 1
 
 
+def test_eval_batch_larger_than_the_split_is_capped_to_it(tmp_path, monkeypatch):
+    batches = []
+    real = input_pipeline.eval_batches
+
+    def spy(source, spec, *, global_batch, **kw):
+        batches.append(global_batch)
+        return real(source, spec, global_batch=global_batch, **kw)
+
+    monkeypatch.setattr(input_pipeline, "eval_batches", spy)
+    c = small_config(num_epochs=1, eval_batch_size=100000, tensorboard=False)
+    result = train.train_and_evaluate(c, str(tmp_path), model=TinyCNN())
+    assert batches == [64]  # the whole 64-image eval split in one batch, not 100000
+    ref_loss, ref_acc = _eval_reference(result.state, c)
+    (row,) = result.history
+    np.testing.assert_allclose(row["eval_loss"], ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(row["eval_accuracy"], ref_acc)
+    assert train.eval_batch_size(small_config(), 64) == 32  # a smaller batch is kept
+
+
+def test_step_boundaries_rounding_to_one_step_apply_both_decays():
+    # With 8 steps per epoch, epochs 1.0 and 1.01 both fall on step 8: lr × 0.1² from it on
+    # (a dict keyed by step used to keep one of the two decays).
+    c = small_config(**{"optimizer.schedule": "step", "optimizer.lr_decay_factor": 0.1,
+                        "optimizer.lr_boundaries_epochs": (1.0, 1.01)})
+    train.validate_config(c)
+    schedule = train.optim.make_schedule(c, 8)
+    np.testing.assert_allclose([float(schedule(t)) for t in (0, 7, 8, 40)],
+                               [0.05, 0.05, 0.05 * 0.01, 0.05 * 0.01], rtol=1e-6)
+
+
 def _loss_falls_config(model_name, **model_kw):
     from gne_jax.models import default_config
 

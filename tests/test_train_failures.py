@@ -2,8 +2,10 @@
 finite-loss divergence of the state stopping with the last good checkpoint, resuming with
 recorded changes, extending a finished run, workdir problems."""
 
+import collections
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -17,6 +19,7 @@ import pytest
 
 from gne_jax.training import train
 from gne_jax.training.checkpoint import Checkpointer, NonFiniteError, all_finite
+from gne_jax.training.metrics import MetricsWriter
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -37,6 +40,25 @@ BAD_VALUES = [
     ("unroll_scans", "sometimes", r"config\.unroll_scans='sometimes' is unknown"),
     ("dataset.name", "image_folder", r"config\.dataset\.path='' is not a directory"),
     ("foo", 1, r"config field\(s\) \['foo'\] are unknown"),
+]
+
+
+# Values wrong only together with another field, and limits set by the split sizes
+# (small_config: 256 training and 64 eval images).
+BAD_COMBINATIONS = [
+    ({"moments_every_steps": 4, "moments_num_probes": 1},
+     r"config\.moments_num_probes=1 must be an integer >= 2"),
+    ({"optimizer.warmup_epochs": 1.0, "optimizer.warmup_init_factor": -1.0},
+     r"config\.optimizer\.warmup_init_factor=-1\.0 must be a finite number >= 0"),
+    ({"optimizer.warmup_epochs": 1.0, "optimizer.warmup_init_factor": 1.5},
+     r"config\.optimizer\.warmup_init_factor=1\.5 must be a finite number <= 1"),
+    ({"optimizer.lr_boundaries_epochs": (-1.0, 0.5)},
+     r"config\.optimizer\.lr_boundaries_epochs=\(-1\.0, 0\.5\) must be a sequence of epochs "
+     r"> 0 in strictly increasing order"),
+    ({"optimizer.lr_boundaries_epochs": (2.0, 1.0)},
+     r"lr_boundaries_epochs=\(2\.0, 1\.0\) must be .* strictly increasing"),
+    ({"moments_every_steps": 4, "moments_batch": 65},
+     r"config\.moments_batch=65 exceeds the eval split size 64"),
 ]
 
 
@@ -71,6 +93,16 @@ def no_compile(monkeypatch):
 def test_bad_value_is_named_before_any_work(key, value, match, tmp_path, no_compile):
     c = small_config()
     _set(c, key, value)
+    with pytest.raises(ValueError, match=match):
+        train.train_and_evaluate(c, str(tmp_path / "w"), model=TinyCNN())
+    assert not os.path.exists(tmp_path / "w" / "config.json")
+
+
+@pytest.mark.parametrize("settings,match", BAD_COMBINATIONS)
+def test_bad_combination_is_named_before_any_work(settings, match, tmp_path, no_compile):
+    c = small_config()
+    for key, value in settings.items():
+        _set(c, key, value)
     with pytest.raises(ValueError, match=match):
         train.train_and_evaluate(c, str(tmp_path / "w"), model=TinyCNN())
     assert not os.path.exists(tmp_path / "w" / "config.json")
@@ -207,7 +239,9 @@ def test_command_line_names_the_bad_field(tmp_path):
     (tmp_path / "file").write_text("x")
     cases = [["--config.foo=1"], ["--config.optimizer.learnng_rate=1"],
              ["--config.eval_every_epochs=0"], ["--config.seed=-1"],
-             ["--config.dataset.image_size=0"], ["--config.optimizer.learning_rate=-1"]]
+             ["--config.dataset.image_size=0"], ["--config.optimizer.learning_rate=-1"],
+             ["--config.moments_every_steps=4", "--config.moments_num_probes=1"],
+             ["--config.optimizer.warmup_init_factor=-1.0"]]
     script = _CLI.format(cases=cases, workdir=tmp_path / "w")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
@@ -216,7 +250,9 @@ def test_command_line_names_the_bad_field(tmp_path):
     assert len(lines) == len(cases), out.stdout
     want = ["config has no field 'foo'", "did you mean --config.optimizer.learning_rate",
             "error: config.eval_every_epochs=0", "error: config.seed=-1",
-            "error: config.dataset.image_size=0", "error: config.optimizer.learning_rate=-1"]
+            "error: config.dataset.image_size=0", "error: config.optimizer.learning_rate=-1",
+            "error: config.moments_num_probes=1 must be an integer >= 2",
+            "error: config.optimizer.warmup_init_factor=-1.0 must be"]
     for line, w in zip(lines, want, strict=True):
         assert w in line, line
     assert not os.path.exists(tmp_path / "w" / "config.json")
@@ -238,3 +274,151 @@ def test_resume_into_a_different_model_fails_clearly_and_keeps_config_json(tmp_p
                                  model=TinyCNN(width=4))
     with open(tmp_path / "config.json") as f:
         assert f.read() == before
+
+
+# --------------------------------------------------------------------------- logs on resume
+
+_TIMING = ("step_time_s", "images_per_s")  # wall-clock: differ between any two runs
+
+
+def _tensorboard_scalars(workdir):
+    """``{(tag, step): value}`` of every scalar in every event file of ``workdir``.
+
+    Read raw, as any reader sees the files (no purge rule applied); fails if a (tag, step)
+    occurs twice.
+    """
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    tbdir = os.path.join(workdir, "tensorboard")
+    for name in sorted(os.listdir(tbdir)):
+        with open(os.path.join(tbdir, name), "rb") as f:
+            data = f.read()
+        i = 0
+        while i < len(data):  # records: length (8), crc (4), event, crc (4)
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            e = event_pb2.Event()
+            e.ParseFromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            events += [(v.tag, e.step, v.simple_value) for v in e.summary.value]
+    shown = collections.Counter((tag, step) for tag, step, _ in events)
+    assert max(shown.values()) == 1, [k for k, c in shown.items() if c > 1]
+    return {(tag, step): v for tag, step, v in events if tag not in _TIMING}
+
+
+def _purge_steps(workdir):
+    """Steps of the ``SessionLog.START`` events (tensorboardX's ``purge_step`` markers)."""
+    from tensorboardX.proto import event_pb2
+
+    tbdir = os.path.join(workdir, "tensorboard")
+    steps = []
+    for name in sorted(os.listdir(tbdir)):
+        with open(os.path.join(tbdir, name), "rb") as f:
+            data = f.read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            e = event_pb2.Event()
+            e.ParseFromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START:
+                steps.append(e.step)
+    return steps
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _metric_rows(workdir):
+    """metrics.jsonl without the timing columns; checks metrics.csv holds the same rows."""
+    rows = [{k: v for k, v in r.items() if k not in _TIMING}
+            for r in _jsonl(os.path.join(workdir, "metrics.jsonl"))]
+    with open(os.path.join(workdir, "metrics.csv")) as f:
+        csv_steps = [int(line.split(",", 1)[0]) for line in f.readlines()[1:]]
+    assert csv_steps == [r["step"] for r in rows]
+    return rows
+
+
+def test_resume_rewrites_every_log_after_the_checkpoint(tmp_path):
+    # A finished run whose latest checkpoint (24) is deleted, as if killed after step 23:
+    # the rerun resumes from the checkpoint at 12 (mid-epoch) and rewrites the epoch rows
+    # at 16 and 24 and the moments rows at 16, 20, 24. Every log then equals the straight
+    # run's, each step once.
+    kw = {"num_epochs": 3, "checkpoint_every_steps": 12, "moments_every_steps": 4,
+          "moments_batch": 2, "moments_num_probes": 2, "tensorboard": True}
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    straight = train.train_and_evaluate(small_config(**kw), a, model=TinyCNN())
+    train.train_and_evaluate(small_config(**kw), b, model=TinyCNN())
+    ckpt = Checkpointer(b)
+    assert ckpt.latest_step() == 24
+    ckpt.manager.delete(24)
+    ckpt.close()
+    resumed = train.train_and_evaluate(small_config(**kw), b, model=TinyCNN())
+    for x, y in zip(jax.tree.leaves(straight.state.params),
+                    jax.tree.leaves(resumed.state.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert [r["step"] for r in _metric_rows(b)] == [8, 16, 24]
+    assert _metric_rows(b) == _metric_rows(a)
+    moments_a, moments_b = (_jsonl(os.path.join(w, "moments.jsonl")) for w in (a, b))
+    assert [r["step"] for r in moments_b] == [4, 8, 12, 16, 20, 24]
+    assert moments_b == moments_a
+    tb_a, tb_b = _tensorboard_scalars(a), _tensorboard_scalars(b)
+    assert sorted({step for _, step in tb_b}) == [8, 16, 24]
+    assert tb_b == tb_a
+    assert _purge_steps(b) == [12]  # for TensorBoard: rows from step 12 on were rewritten
+    ga, gb = (np.load(os.path.join(w, "grad_norms.npz")) for w in (a, b))
+    np.testing.assert_array_equal(gb["steps"], np.arange(24))
+    np.testing.assert_array_equal(ga["values"], gb["values"])
+
+
+def test_extending_a_run_stopped_mid_epoch_equals_the_longer_run(tmp_path):
+    # 12 steps = 1.5 epochs (8 steps per epoch), then the same command with 16 steps: the
+    # row of the partial epoch at step 12 is replaced by the row of the whole epoch at 16
+    # (training sums over steps 9-16, carried in the checkpoint), as in the straight run.
+    kw = {"tensorboard": True, "optimizer.schedule": "constant"}
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    straight = train.train_and_evaluate(small_config(**kw, num_train_steps=16), a,
+                                        model=TinyCNN())
+    short = train.train_and_evaluate(small_config(**kw, num_train_steps=12), b, model=TinyCNN())
+    assert [(r["step"], r["epoch"]) for r in short.history] == [(8, 1), (12, 1.5)]
+    extended = train.train_and_evaluate(small_config(**kw, num_train_steps=16), b,
+                                        model=TinyCNN())
+    for x, y in zip(jax.tree.leaves(straight.state.params),
+                    jax.tree.leaves(extended.state.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert [r["step"] for r in _metric_rows(b)] == [8, 16]
+    assert _metric_rows(b) == _metric_rows(a)
+    assert [{k: v for k, v in r.items() if k not in _TIMING} for r in extended.history] == \
+        _metric_rows(a)
+    assert _tensorboard_scalars(b) == _tensorboard_scalars(a)
+    assert _purge_steps(b) == [12]  # the row at 12 itself is rewritten (at 16)
+
+
+@pytest.mark.parametrize("keep_row", [True, False])
+def test_truncate_drops_later_rows_from_every_log(keep_row, tmp_path):
+    # Rows at 8, 16, 24 and moments at 12, 24 logged, the event file ending in half a
+    # record (killed mid-write); a resume from the checkpoint at 16 keeps the rows up to 16
+    # (or up to 8 when the row at 16 is a partial epoch that is rewritten) and the moments
+    # up to 16, in every file; TensorBoard is off for the resumed run, yet the earlier
+    # event file must lose the dropped rows.
+    w = str(tmp_path)
+    first = MetricsWriter(w, tensorboard=True)
+    for step in (8, 16, 24):
+        first.write({"step": step, "epoch": step / 8, "train_loss": 1.0 / step})
+    for step in (12, 24):
+        first.write_moments({"step": step, "phi": float(step)})
+    first.close()
+    (event_file,) = os.listdir(os.path.join(w, "tensorboard"))
+    with open(os.path.join(w, "tensorboard", event_file), "ab") as f:
+        f.write(struct.pack("<Q", 100) + b"\0" * 10)
+    resumed = MetricsWriter(w, tensorboard=False)
+    resumed.truncate(16, keep_row_at_step=keep_row)
+    resumed.close()
+    kept = [8, 16] if keep_row else [8]
+    assert [r["step"] for r in _metric_rows(w)] == kept
+    assert [r["step"] for r in _jsonl(os.path.join(w, "moments.jsonl"))] == [12]
+    assert sorted({step for _, step in _tensorboard_scalars(w)}) == kept
+    assert not [n for d in (w, os.path.join(w, "tensorboard")) for n in os.listdir(d)
+                if n.endswith(".tmp")]

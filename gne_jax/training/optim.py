@@ -115,10 +115,10 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> op
     if kind == "constant":
         main = optax.constant_schedule(lr)
     elif kind == "step":
-        boundaries = {
-            int(round(e * steps_per_epoch)) - warmup: float(opt.lr_decay_factor)
-            for e in opt.lr_boundaries_epochs
-        }
+        boundaries: dict[int, float] = {}
+        for e in opt.lr_boundaries_epochs:  # boundaries rounding to one step: both decays
+            b = int(round(e * steps_per_epoch)) - warmup
+            boundaries[b] = boundaries.get(b, 1.0) * float(opt.lr_decay_factor)
         main = optax.piecewise_constant_schedule(lr, boundaries)
     else:
         main = optax.cosine_decay_schedule(lr, max(total - warmup, 1))

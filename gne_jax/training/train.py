@@ -95,8 +95,8 @@ def _tree_finite(tree) -> jax.Array:
 LOADERS = ("grain", "numpy")
 
 
-def _number(config, key: str, *, integer: bool = False, minimum=None, above=None,
-            below=None) -> None:
+def _number(config, key: str, *, integer: bool = False, minimum=None, maximum=None,
+            above=None, below=None) -> None:
     """Raises ``ValueError`` naming ``config.<key>`` unless it is a number in range."""
     node = config
     for part in key.split("."):
@@ -110,12 +110,31 @@ def _number(config, key: str, *, integer: bool = False, minimum=None, above=None
     want = "an integer" if integer else "a finite number"
     if ok and minimum is not None and value < minimum:
         ok, want = False, f"{want} >= {minimum}"
+    if ok and maximum is not None and value > maximum:
+        ok, want = False, f"{want} <= {maximum}"
     if ok and above is not None and value <= above:
         ok, want = False, f"{want} > {above}"
     if ok and below is not None and value >= below:
         ok, want = False, f"{want} < {below}"
     if not ok:
         raise ValueError(f"config.{key}={value!r} must be {want}")
+
+
+def _check_boundaries(config) -> None:
+    """Raises ``ValueError`` naming ``config.optimizer.lr_boundaries_epochs`` unless it is a
+    sequence of finite epochs > 0 in strictly increasing order."""
+    value = config.optimizer.lr_boundaries_epochs
+    entries = list(value) if isinstance(value, list | tuple) else None
+    ok = entries is not None and all(
+        isinstance(e, int | float | np.integer | np.floating) and not isinstance(e, bool)
+        and np.isfinite(float(e)) and e > 0 for e in entries)
+    if ok and any(b <= a for a, b in zip(entries[:-1], entries[1:], strict=True)):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"config.optimizer.lr_boundaries_epochs={value!r} must be a sequence of epochs > 0 "
+            "in strictly increasing order (the learning rate is multiplied by "
+            "lr_decay_factor at each), e.g. --config.optimizer.lr_boundaries_epochs='(80, 120)'")
 
 
 def unknown_fields(config: ml_collections.ConfigDict) -> list[str]:
@@ -141,8 +160,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Fails before any training with a message that names the field and says what to change.
 
     Checks names (dataset, normalization, optimizer, schedule, clip, weight-decay mask,
-    unknown fields), ranges (seed >= 0, learning rate > 0, positive batch sizes, epochs,
-    logging/eval intervals, image size, classes) and the dataset's files.
+    unknown fields), ranges (seed >= 0, learning rate > 0, warm-up factor in [0, 1],
+    increasing positive learning-rate boundaries, positive batch sizes, epochs,
+    logging/eval intervals, moments probes >= 2, image size, classes) and the dataset's
+    files. Limits that need the split sizes are checked by :func:`check_split_sizes`.
     """
     unknown = unknown_fields(config)
     if unknown:
@@ -178,7 +199,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _number(config, "grad_norm_epochs", integer=True, minimum=0)
     _number(config, "moments_every_steps", integer=True, minimum=0)
     if config.moments_every_steps > 0:
-        _number(config, "moments_num_probes", integer=True, minimum=1)
+        _number(config, "moments_num_probes", integer=True, minimum=2)  # for a std. error
         _number(config, "moments_batch", integer=True, minimum=1)
     _number(config, "prefetch", integer=True, minimum=1)
     if config.get("loader", "numpy") not in LOADERS:
@@ -203,6 +224,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _number(config, "optimizer.weight_decay", minimum=0)
     _number(config, "optimizer.lr_decay_factor", above=0)
     _number(config, "optimizer.warmup_epochs", minimum=0)
+    # The warm-up rises linearly from warmup_init_factor × learning_rate to learning_rate.
+    _number(config, "optimizer.warmup_init_factor", minimum=0, maximum=1)
+    _check_boundaries(config)
     _number(config, "optimizer.scalar_lr_factor", minimum=0)
     if opt.name == "sgd":
         _number(config, "optimizer.momentum", minimum=0, below=1)
@@ -214,6 +238,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _number(config, "optimizer.clip_value", above=0)
     _number(config, "mixup_alpha", minimum=0)
     should_unroll(config.get("unroll_scans", "auto"))
+
+
+def check_split_sizes(config: ml_collections.ConfigDict, num_train: int, num_eval: int) -> None:
+    """Raises ``ValueError`` naming the field when a batch exceeds its split.
+
+    ``batch_size`` must fit in the training split (the last partial batch is dropped) and
+    ``moments_batch`` (the eval split's first images) in the eval split. A larger
+    ``eval_batch_size`` is capped instead (:func:`eval_batch_size`).
+    """
+    if input_pipeline.steps_per_epoch(num_train, int(config.batch_size)) == 0:
+        raise ValueError(f"config.batch_size={config.batch_size} exceeds the training split "
+                         f"size {num_train}; lower it")
+    if config.moments_every_steps > 0 and config.moments_batch > num_eval:
+        raise ValueError(f"config.moments_batch={config.moments_batch} exceeds the eval split "
+                         f"size {num_eval} (the moments use the split's first moments_batch "
+                         "images); lower it")
 
 
 # --------------------------------------------------------------------------- model and state
@@ -391,9 +431,17 @@ def eval_step(state: TrainState, batch):
             "count": jnp.sum(mask)}
 
 
+def eval_batch_size(config, num_eval: int) -> int:
+    """The global eval batch: ``config.eval_batch_size``, capped at the eval split size rounded
+    up to a multiple of the device count (a larger batch would only add masked padding)."""
+    n_dev = jax.device_count()
+    return min(int(config.eval_batch_size), max(-(-num_eval // n_dev), 1) * n_dev)
+
+
 def evaluate(p_eval_step, state, eval_source, spec, config, data_sharding):
-    """Mean loss and accuracy over the whole eval split."""
-    it = input_pipeline.eval_batches(eval_source, spec, global_batch=int(config.eval_batch_size))
+    """Mean loss and accuracy over the whole eval split (batches of :func:`eval_batch_size`)."""
+    it = input_pipeline.eval_batches(eval_source, spec,
+                                     global_batch=eval_batch_size(config, len(eval_source)))
     totals = None
     for batch in input_pipeline.prefetch_to_device(it, data_sharding, config.prefetch):
         m = p_eval_step(state, batch)
@@ -534,6 +582,17 @@ def _prepare_workdir(workdir: str, config) -> Callable[[], None]:
     return commit
 
 
+def _row_kept_on_resume(step: int, steps_per_epoch: int, total: int) -> bool:
+    """Whether the epoch row logged at checkpoint ``step`` stays when a run of ``total``
+    steps resumes from it.
+
+    A row at a step that is not an epoch end is the partial last epoch of a shorter run; a
+    run extended past that step logs the epoch at its end instead, as the longer run trained
+    straight does (the checkpoint holds the epoch's running sums).
+    """
+    return step % steps_per_epoch == 0 or step >= total
+
+
 def _state_dict(state: TrainState) -> dict:
     return flax.serialization.to_state_dict(state)
 
@@ -649,9 +708,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     eval_src = input_pipeline.make_source(config, "eval")
     batch = int(config.batch_size)
     spe = input_pipeline.steps_per_epoch(len(train_src), batch)
-    if spe == 0:
-        raise ValueError(f"config.batch_size={batch} exceeds the training split size "
-                         f"{len(train_src)}; lower it")
+    check_split_sizes(config, len(train_src), len(eval_src))
     total = int(config.num_train_steps) if config.num_train_steps > 0 else int(
         config.num_epochs * spe)
     if total <= 0:
@@ -693,7 +750,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 "parameters' shapes cannot be resumed: use a new --workdir") from None
         state = jax.device_put(flax.serialization.from_state_dict(state, restored), replicated)
         start = int(meta["step"])
-        writer.truncate(start)
+        writer.truncate(start, keep_row_at_step=_row_kept_on_resume(start, spe, total))
         logging.info("Resumed from step %d in %s", start, ckpt.directory)
     commit_config()
     grad_steps, grad_vals = load_grad_norms(workdir, start)
@@ -709,10 +766,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     p_eval_step = jax.jit(eval_step, out_shardings=replicated)
     moments_x = None
     hook = None
-    if config.moments_every_steps > 0:
+    if config.moments_every_steps > 0:  # the eval split's first moments_batch images
         first = next(input_pipeline.eval_batches(eval_src, spec, global_batch=int(
-            config.eval_batch_size)))
-        moments_x = jax.device_put(first["image"][: int(config.moments_batch)], replicated)
+            config.moments_batch), process_index=0, process_count=1))
+        moments_x = jax.device_put(first["image"], replicated)
         hook = _moments_hook(config, model, moments_x)
 
     stop = total if config.stop_after_steps <= 0 else min(total, int(config.stop_after_steps))
@@ -813,10 +870,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 check_finite(done)
             if hook is not None and done % int(config.moments_every_steps) == 0:
                 check_finite(done)
-                row = {"step": done, **hook(state, jax.random.fold_in(moments_key, done))}
-                if jax.process_index() == 0:
-                    with open(os.path.join(workdir, "moments.jsonl"), "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                writer.write_moments(
+                    {"step": done, **hook(state, jax.random.fold_in(moments_key, done))})
             if done % spe == 0 or done == total:  # epoch end (or a partial last epoch)
                 check_finite(done)
                 sums = jax.device_get(state.sums)
@@ -829,7 +884,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        "step_time_s": elapsed / epoch_steps if epoch_steps else float("nan"),
                        "images_per_s": (batch * epoch_steps / elapsed if epoch_steps
                                         else float("nan"))}
-                state = state.replace(sums=jax.device_put(_zero_sums(), replicated))
+                if done % spe == 0:  # a partial last epoch keeps its sums in the checkpoint,
+                    # so a run extended past it logs the whole epoch at its end
+                    state = state.replace(sums=jax.device_put(_zero_sums(), replicated))
                 if (done // spe) % int(config.eval_every_epochs) == 0 or done == total:
                     row.update(evaluate(p_eval_step, state, eval_src, spec, config,
                                         data_sharding))
