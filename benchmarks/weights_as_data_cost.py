@@ -50,8 +50,15 @@ def init(seed, depth, width):
     return [jax.random.normal(k, (width, width)) / np.sqrt(width) for k in keys]
 
 
+def closure_form(depth, width):
+    """``(make, apply, args)``: ``make(params)`` is what the user passes (a new closure);
+    the raw program runs ``apply(args(params), x)``, the same computation."""
+    return (lambda p: (lambda z: apply(p, z))), apply, (lambda p: p)
+
+
 def linen_form(depth, width):
-    """``params -> partial(model.apply, variables)`` of a Linen MLP computing ``apply``."""
+    """``partial(model.apply, variables)`` of a Linen MLP computing ``apply`` (the weights
+    transposed into the Dense kernels); the raw program runs ``model.apply``."""
     import flax.linen as nn
 
     class MLP(nn.Module):
@@ -63,15 +70,15 @@ def linen_form(depth, width):
 
     model = MLP()
 
-    def make(params):
-        variables = {"params": {f"Dense_{i}": {"kernel": w.T} for i, w in enumerate(params)}}
-        return functools.partial(model.apply, variables)
+    def variables(params):
+        return {"params": {f"Dense_{i}": {"kernel": w.T} for i, w in enumerate(params)}}
 
-    return make
+    return (lambda p: functools.partial(model.apply, variables(p))), model.apply, variables
 
 
 def nnx_form(depth, width):
-    """``params -> module``: an NNX MLP module computing ``apply``, passed as the function."""
+    """An NNX MLP module computing ``apply``, passed as the function; the raw program runs
+    ``nnx.merge(graphdef, state)(x)`` with the state as its argument."""
     from flax import nnx
 
     class MLP(nnx.Module):
@@ -85,24 +92,24 @@ def nnx_form(depth, width):
             return x
 
     graphdef, state = nnx.split(MLP(nnx.Rngs(0)))
-    leaves, treedef = jax.tree.flatten(state)
+    treedef = jax.tree.structure(state)
 
-    def make(params):
-        return nnx.merge(graphdef, jax.tree.unflatten(treedef, [w.T for w in params]))
+    def state_of(params):
+        return jax.tree.unflatten(treedef, [w.T for w in params])
 
-    return make
-
-
-FORMS = {"closure": lambda depth, width: (lambda p: (lambda z: apply(p, z))),
-         "linen-partial": linen_form, "nnx": nnx_form}
+    return (lambda p: nnx.merge(graphdef, state_of(p)),
+            lambda st, x: nnx.merge(graphdef, st)(x), state_of)
 
 
-def raw_probe(num_probes):
+FORMS = {"closure": closure_form, "linen-partial": linen_form, "nnx": nnx_form}
+
+
+def raw_probe(num_probes, apply_fn=apply):
     """The autodiff floor: Σ‖Jᵀv‖², Σ‖JJᵀv‖² over hashed Rademacher probes, jitted."""
 
     @jax.jit
     def run(params, x, key):
-        out, jvp = jax.linearize(lambda z: apply(params, z), x)
+        out, jvp = jax.linearize(lambda z: apply_fn(params, z), x)
         vjp = jax.linear_transpose(jvp, x)
 
         def one(k):
@@ -183,23 +190,24 @@ def main():
     # both alike
     per_form = {}
     for form in forms:
-        make = FORMS[form](a.depth, a.width)
+        make, apply_fn, to_args = FORMS[form](a.depth, a.width)
         fns = [make(s) for s in states]
+        args = [to_args(s) for s in states]
+        raw_form = raw_probe(a.probes, apply_fn)
 
         def call(f):
             return jacobian_moments(f, x, key=key, num_probes=a.probes).phi
 
-        call(fns[0]), call(fns[1])
+        call(fns[0]), call(fns[1]), raw_form(args[0], x, key)
         events.clear()
         times = {"ours": [], "raw": []}
         for _ in range(3):
-            for f, s in zip(fns[2:], states[2:], strict=True):
+            for f, arg in zip(fns[2:], args[2:], strict=True):
                 times["ours"].append(elapsed(call, f))
-                times["raw"].append(elapsed(raw, s, x, key))
+                times["raw"].append(elapsed(raw_form, arg, x, key))
         per_form[form] = (np.median(times["ours"]), np.median(times["raw"]), len(events),
-                          float(call(fns[1])))
+                          float(call(fns[1])), float(raw_form(args[1], x, key)[0]))
     jax.monitoring.unregister_event_duration_listener(listener)
-    phi_raw = float(raw(states[1], x, key)[0])
 
     print(f"# device: {jax.devices()[0].device_kind} ({platform.machine()}), jax {jax.__version__}")
     print(f"# tanh MLP depth {a.depth}, width {a.width}, one input, {a.probes} probes")
@@ -210,11 +218,11 @@ def main():
           f"{[round(d, 2) for d in xla_raw]} s; probe program / raw "
           f"{max(xla_ours) / max(xla_raw):.2f}, all / raw {sum(xla_ours) / sum(xla_raw):.2f}")
     print(f"warm same-state calls (closure): {w_ours * 1e3:.3g} ms, raw {w_raw * 1e3:.3g} ms")
-    for form, (t_ours, t_raw, n_compiled, phi) in per_form.items():
+    for form, (t_ours, t_raw, n_compiled, phi, phi_raw) in per_form.items():
         print(f"call at a new weight state ({form}): {t_ours * 1e3:.3g} ms, raw jitted "
               f"{t_raw * 1e3:.3g} ms, ratio {t_ours / t_raw:.2f}; programs compiled over "
-              f"{3 * a.states} calls: {n_compiled}; phi {phi:.5f} (raw {phi_raw:.5f}, "
-              f"independent probe draws)")
+              f"{3 * a.states} calls: {n_compiled}; phi "
+              f"{phi:.5f} (raw {phi_raw:.5f})")
 
     # eager Hessian top eigenvalue vs PyHessian-style power iteration
     kx, ky = jax.random.split(jax.random.key(2))
