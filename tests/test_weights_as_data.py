@@ -442,8 +442,9 @@ class Net(Base):
 
 def test_a_users_module_classes_are_read_with_what_their_methods_read(monkeypatch):
     """A Linen model defined by the user: new weights reuse the program without a trace;
-    editing a global its methods read, a class attribute or a base-class method is seen
-    by the next closure (as a new ``jax.jit`` of a new closure would see it)."""
+    editing a global its methods read, a class attribute (a number, an array) or a
+    base-class method is seen by the next closure (as a new ``jax.jit`` of a new closure
+    would see it)."""
     compiled.clear_programs()
     traced = []
     hoist = compiled.hoist
@@ -461,7 +462,8 @@ def test_a_users_module_classes_are_read_with_what_their_methods_read(monkeypatc
         for p in states[1:]:
             np.testing.assert_allclose(_phi(make(p), x), _exact_phi(make(p), x), rtol=1e-5)
         assert len(traced) == 1, f"{len(traced)} traces over 2 new weight states (1 check)"
-    for edit in ("ACT = jnp.sin", "Block.scale = 2.0", "Base.finish = lambda self, z: 3.0 * z"):
+    for edit in ("ACT = jnp.sin", "Block.scale = 2.0", "Block.scale = jnp.asarray(3.0)",
+                 "Block.scale = jnp.asarray(4.0)", "Base.finish = lambda self, z: 3.0 * z"):
         before = _exact_phi(forms[0](states[1]), x)
         exec(edit, ns)
         for make in forms:

@@ -204,6 +204,14 @@ def _user_node_types(treedef) -> tuple[type, ...]:
     return tuple(found)
 
 
+def _library_machinery(v) -> bool:
+    """An opaque object of a library's own (not a container, an array or a callable) that a
+    library puts on a user's class, such as Flax's descriptors and module state."""
+    return (_is_library(type(v)) and not callable(v)
+            and not isinstance(v, (jax.Array, np.ndarray, np.generic))
+            and jax.tree_util.treedef_is_leaf(jax.tree.structure(v)))
+
+
 def _is_nnx_module(f) -> bool:
     try:
         from flax import nnx
@@ -319,12 +327,15 @@ class _Describer:
                                   for f in (attr.fget, attr.fset)))
         if isinstance(attr, types.FunctionType):
             return self.callable(attr, False)
-        if _is_library(type(attr)) and not callable(attr):
-            try:  # a library's value: by equality, or skipped when it is mutable
-                return ("library value", hash(attr), attr)  # machinery (Flax's per-class
-            except TypeError:  # module state)
-                return ("library value", type(attr))
-        return self.value(attr, False)
+        try:
+            return self.value(attr, False)  # constants by value; an array: trace instead
+        except _Fallback:
+            if not _library_machinery(attr):
+                raise
+        try:  # a library's own object (Flax's descriptors, its per-class module state):
+            return ("library value", hash(attr), attr)  # by equality, or skipped when it
+        except TypeError:  # is mutable
+            return ("library value", type(attr))
 
     def value(self, v, arrays: bool):
         flat, treedef = jax.tree.flatten(v)
