@@ -5,6 +5,7 @@ program); a new closure over new arrays of the same architecture must compile no
 """
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -13,6 +14,7 @@ import resource
 import subprocess
 import sys
 import types
+import typing
 import weakref
 
 import jax
@@ -515,6 +517,43 @@ def test_an_nnx_module_is_read_without_tracing_and_with_its_classes(monkeypatch)
         exact = _exact_phi(make(models[1]), x)
         assert abs(exact - before) > 1e-2 * before
         np.testing.assert_allclose(_phi(make(models[1]), x), exact, rtol=1e-5)
+
+
+class _Params(typing.NamedTuple):
+    w: jax.Array
+    b: jax.Array
+
+
+def test_named_tuple_and_frozen_dataclass_weights_are_data(monkeypatch):
+    """Weights in a NamedTuple or a frozen dataclass (whose methods read globals) are read
+    without a trace after the first call and its check, and φ is exact."""
+    compiled.clear_programs()
+    traced = []
+    hoist = compiled.hoist
+    monkeypatch.setattr(compiled, "hoist", lambda *a, **k: traced.append(1) or hoist(*a, **k))
+    ns = {"__name__": "user_layers", "jnp": jnp, "dataclasses": dataclasses, "jax": jax}
+    exec("ACT = jnp.tanh\n"
+         "@dataclasses.dataclass(frozen=True)\n"
+         "class Layer:\n"
+         "    w: jax.Array\n"
+         "    def __call__(self, z):\n"
+         "        return ACT(self.w @ z)\n", ns)
+    x = jnp.linspace(-1.0, 1.0, 5)
+    ws = [jnp.asarray(np.random.default_rng(s).standard_normal((5, 5)) / 2, jnp.float32)
+          for s in range(4)]
+    forms = {"namedtuple": lambda w: (lambda z: jnp.tanh(_Params(w, w[0]).w @ z)),
+             "namedtuple closure": (lambda w: (lambda p: (lambda z: jnp.tanh(p.w @ z + p.b)))(
+                 _Params(w, w[0]))),
+             "frozen dataclass": lambda w: (lambda layer: (lambda z: layer(z)))(ns["Layer"](w))}
+    for name, make in forms.items():
+        traced.clear()
+        for w in ws:
+            np.testing.assert_allclose(_phi(make(w), x), _exact_phi(make(w), x), rtol=1e-5,
+                                       err_msg=name)
+        assert len(traced) == 2, (name, len(traced))
+    exec("ACT = jnp.sin", ns)  # read by the dataclass's __call__
+    f = forms["frozen dataclass"](ws[1])
+    np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5)
 
 
 def test_fast_path_never_shares_a_program_between_different_functions():

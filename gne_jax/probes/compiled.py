@@ -59,7 +59,9 @@ import collections
 import dataclasses
 import dis
 import functools
+import os
 import sys
+import sysconfig
 import threading
 import types
 import weakref
@@ -159,6 +161,9 @@ _LIBRARY_ROOTS = frozenset({  # their functions without user state are compared 
 })
 
 
+_DYNAMIC_LOOKUPS = frozenset({"globals", "vars", "locals", "eval", "exec", "__import__"})
+
+
 @functools.lru_cache(maxsize=4096)
 def _global_names(code: types.CodeType) -> tuple[str, ...]:
     """Every name ``code`` (and the code objects nested in it) may look up as a global.
@@ -186,22 +191,86 @@ def _is_library(obj) -> bool:
     else:
         module = getattr(obj, "__module__", None) or ""
     root = module.partition(".")[0]
-    return root in _LIBRARY_ROOTS or root in sys.stdlib_module_names
+    return root in _LIBRARY_ROOTS or _is_stdlib(root)
 
 
 @functools.lru_cache(maxsize=1024)
-def _user_node_types(treedef) -> tuple[type, ...]:
-    """The classes of a pytree structure's nodes that are the user's (an NNX module's, a
-    custom pytree's): their methods' code and globals are part of a description."""
-    found: dict[type, None] = {}
+def _stdlib_file(root: str, file: str | None) -> bool:
+    if file is None:  # a built-in module
+        return True
+    stdlib = sysconfig.get_paths()["stdlib"]
+    return os.path.abspath(file).startswith(os.path.abspath(stdlib) + os.sep) and (
+        "site-packages" not in file)
+
+
+def _is_stdlib(root: str) -> bool:
+    """Whether the loaded top-level module ``root`` is the standard library's (a user's
+    ``code.py`` shadowing a standard name is not)."""
+    if root not in sys.stdlib_module_names:
+        return False
+    module = sys.modules.get(root)
+    return module is not None and _stdlib_file(root, getattr(module, "__file__", None))
+
+
+_CONTAINERS = (dict, list, tuple, type(None), collections.OrderedDict, collections.defaultdict)
+
+
+def _aux_risks(v, out: list) -> None:
+    """Appends to ``out`` what in a pytree node's static data ``==`` cannot vouch for: a
+    mutable container (it may change in place), a user's function, class or object."""
+    if v is None or isinstance(v, (bool, int, float, complex, str, bytes, np.dtype, np.generic)):
+        return
+    if isinstance(v, (tuple, frozenset)):
+        for e in v:
+            _aux_risks(e, out)
+        return
+    if isinstance(v, type):
+        if not _is_library(v):
+            out.append(v)
+        return
+    if isinstance(v, types.FunctionType):
+        if not _fixed_library_function(v):
+            out.append(v)
+        return
+    if isinstance(v, (list, dict, set)) or not _is_library(type(v)) or (
+            isinstance(v, types.ModuleType) and not _is_library(v)):
+        out.append(v)
+        return
+    try:
+        hash(v)  # a library's immutable value (Flax's HashableMapping, jnp.tanh...)
+    except TypeError:
+        out.append(v)
+
+
+def _tree_parts(treedef) -> tuple[tuple[type, ...], list]:
+    """(the user's classes among the nodes, the risky static data of the other nodes)."""
+    classes: dict[type, None] = {}
+    risks: list = []
     stack = [treedef]
     while stack:
         t = stack.pop()
         data = t.node_data()
-        if data is not None and not _is_library(data[0]):
-            found[data[0]] = None
+        if data is not None:
+            if not _is_library(data[0]):
+                classes[data[0]] = None
+            if data[0] not in _CONTAINERS:
+                _aux_risks(data[1], risks)
         stack.extend(t.children())
-    return tuple(found)
+    return tuple(classes), risks
+
+
+# Structures whose nodes hold nothing to describe beyond ``==`` (the user classes among
+# them, if any): looked up instead of walked. A tree with risky static data is walked at
+# every call and never stored, so no user object is kept alive here.
+_PLAIN_TREES: collections.OrderedDict = collections.OrderedDict()
+
+
+def _plain_tree_classes(treedef):
+    """The user classes of ``treedef`` when it is plain (cached), else None."""
+    try:
+        return _PLAIN_TREES.get(treedef)
+    except TypeError:  # unhashable static data
+        return None
 
 
 def _library_machinery(v) -> bool:
@@ -237,21 +306,35 @@ def _fixed_library_function(f, depth: int = 4) -> bool:
     return True
 
 
-def _static_object(v) -> bool:
-    """Immutable objects compared by value: an unbound Flax module, a frozen dataclass."""
-    try:
-        hash(v)
-    except TypeError:
-        return False
+_BUILTIN_CALLABLES = (types.BuiltinFunctionType, types.WrapperDescriptorType,
+                      types.MethodDescriptorType, types.ClassMethodDescriptorType)
+
+_BOOKKEEPING = frozenset({  # dunders that do not compute on the arrays
+    "__init__", "__new__", "__post_init__", "__repr__", "__str__", "__eq__", "__ne__",
+    "__hash__", "__setattr__", "__delattr__", "__init_subclass__", "__class_getitem__",
+    "__getstate__", "__setstate__", "__reduce__", "__reduce_ex__", "__copy__", "__deepcopy__",
+    "__getnewargs__", "__replace__",
+})
+
+
+def _described_dunder(name: str, attr) -> bool:
+    """A dunder method of a user's class that may compute (``__call__``, ``__mul__``,
+    ``__getattr__``...), not bookkeeping (what ``dataclasses`` generates among them)."""
+    f = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+    return isinstance(f, (types.FunctionType, property)) and name not in _BOOKKEEPING
+
+
+def _frozen_object(v) -> bool:
+    """An object whose fields cannot be reassigned: an unbound Flax module, a frozen
+    dataclass."""
     try:
         import flax.linen as nn
         if isinstance(v, nn.Module):
-            return v.scope is None  # a bound module holds variables its __eq__ ignores
+            return v.scope is None  # a bound module holds variables beside its fields
     except ImportError:  # pragma: no cover
         pass
     params = getattr(type(v), "__dataclass_params__", None)
-    return bool(params is not None and params.frozen and all(
-        f.compare and f.hash in (None, True) for f in dataclasses.fields(v)))
+    return bool(params is not None and params.frozen)
 
 
 class _Describer:
@@ -291,12 +374,18 @@ class _Describer:
             raise _Fallback
         if isinstance(v, (types.FunctionType, functools.partial, types.MethodType)):
             return self.callable(v, arrays)
+        if isinstance(v, _BUILTIN_CALLABLES) and (
+                getattr(v, "__self__", None) is None
+                or isinstance(v.__self__, (type, types.ModuleType))):
+            return ("id", _Ref(v))  # C code (tuple.__new__, math.sqrt): no state of its own
         if callable(v) and _is_library(v) and _is_library(type(v)) and (
                 type(v).__module__.partition(".")[0] in ("jax", "jaxlib")):
             return ("id", _Ref(v))  # jax's own wrapped functions (jnp.tanh, jax.nn.relu...)
-        if _static_object(v):
-            cls = type(v)
-            return ("obj", v, None if _is_library(cls) else self.user_class(cls))
+        if _frozen_object(v):  # each field described: a function field by its code, a
+            cls = type(v)  # submodule with its class, an array as data
+            return ("obj", _Ref(cls) if _is_library(cls) else self.user_class(cls),
+                    tuple((f.name, self.attribute(getattr(v, f.name), arrays))
+                          for f in dataclasses.fields(v)))
         raise _Fallback
 
     def user_class(self, cls: type):
@@ -314,7 +403,8 @@ class _Describer:
             if c is object or _is_library(c):
                 continue
             for name, attr in vars(c).items():
-                if name.startswith("__") and name.endswith("__") and name != "__call__":
+                if name.startswith("__") and name.endswith("__") and not _described_dunder(
+                        name, attr):
                     continue  # the class's bookkeeping (dataclass methods, annotations...)
                 parts.append((name, self._class_attribute(attr)))
         return ("class", _Ref(cls), tuple(parts))
@@ -327,15 +417,21 @@ class _Describer:
                                   for f in (attr.fget, attr.fset)))
         if isinstance(attr, types.FunctionType):
             return self.callable(attr, False)
+        return self.attribute(attr, False)
+
+    def attribute(self, v, arrays: bool):
+        """A class attribute, a dataclass field or a node's static data: described by value
+        (functions by their code, containers by their contents), except a library's own
+        opaque objects (Flax's descriptors, its per-class module state)."""
         try:
-            return self.value(attr, False)  # constants by value; an array: trace instead
+            return self.value(v, arrays)
         except _Fallback:
-            if not _library_machinery(attr):
+            if not _library_machinery(v):
                 raise
-        try:  # a library's own object (Flax's descriptors, its per-class module state):
-            return ("library value", hash(attr), attr)  # by equality, or skipped when it
-        except TypeError:  # is mutable
-            return ("library value", type(attr))
+        try:
+            return ("library value", hash(v), v)  # by equality, or skipped when mutable
+        except TypeError:
+            return ("library value", type(v))
 
     def value(self, v, arrays: bool):
         flat, treedef = jax.tree.flatten(v)
@@ -347,10 +443,19 @@ class _Describer:
                 described.append(a.aval)  # what _array_key gives, without the call
             else:
                 described.append(self.leaf(a, arrays))
-        classes = _user_node_types(treedef)  # an NNX module's classes, a user's pytree class
-        if classes:
-            return ("tree", treedef, tuple(described),
-                    tuple(self.user_class(c) for c in classes))
+        classes = _plain_tree_classes(treedef)
+        risks: list = []
+        if classes is None:
+            classes, risks = _tree_parts(treedef)
+            if not risks:
+                with _LOCK:
+                    _PLAIN_TREES[treedef] = classes
+                    while len(_PLAIN_TREES) > 4 * MAX_PROGRAMS:
+                        _PLAIN_TREES.popitem(last=False)
+        if classes or risks:  # an NNX module's classes, a user's pytree class, a function
+            return ("tree", treedef, tuple(described),  # or a list in static fields
+                    tuple(self.user_class(c) for c in classes),
+                    tuple(self.attribute(r, False) for r in risks))
         return ("tree", treedef, tuple(described))
 
     def callable(self, f, arrays: bool = True):
@@ -384,13 +489,20 @@ class _Describer:
             cells = tuple(c.cell_contents for c in f.__closure__ or ())
         except ValueError:  # an empty cell (a closure over a name not yet assigned)
             raise _Fallback from None
-        described = () if _is_library(f) else tuple(  # a library's globals are fixed
-            (name, self.value(glob[name], False)) for name in _global_names(code) if name in glob)
+        library = _is_library(f)
+        names = _global_names(code)
+        if not library and not _DYNAMIC_LOOKUPS.isdisjoint(names):
+            raise _Fallback  # globals() / vars() / eval: names read other than by name
+        # A library's globals are fixed. The globals dict itself is not part of the
+        # description (nor kept alive): equal code reading equal values computes the same.
+        described = () if library else tuple(
+            (name, self.value(glob[name], False)) for name in names if name in glob)
         defaults, kwdefaults = f.__defaults__, f.__kwdefaults__
-        return ("fn", code, _Ref(glob), f.__name__,
+        return ("fn", code, f.__name__,
                 None if defaults is None else self.value(defaults, arrays),
                 None if kwdefaults is None else self.value(kwdefaults, arrays),
-                tuple(self.value(c, arrays) for c in cells), described)
+                tuple(self.value(c, arrays) for c in cells), described,
+                self.attribute(f.__dict__, False) if f.__dict__ and not library else None)
 
 
 @functools.cache
@@ -459,7 +571,8 @@ def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
     try:
         spec = describer.callable(fn)
         leaves = describer.leaves
-        key = _HashedKey((spec, _alias_pattern(leaves), _aval_key(example_args)))
+        key = _HashedKey((spec, _alias_pattern(leaves), _aval_key(example_args),
+                          jax.config.read("jax_enable_x64")))
     except Exception:  # noqa: BLE001 - _Fallback, an unhashable value, an odd object: trace
         return hoist(fn, *example_args, argname=argname, inputs=inputs)
     with _LOCK:
