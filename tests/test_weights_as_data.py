@@ -556,6 +556,58 @@ def test_named_tuple_and_frozen_dataclass_weights_are_data(monkeypatch):
     np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5)
 
 
+def test_functions_differing_only_in_a_custom_rule_or_callback_never_share_a_program():
+    """Two functions whose jaxprs print alike but whose custom JVP rule or host callback
+    differ (a rule over another scale, a callback over another factor, a global the rule
+    reads): each probe is its own function's exact φ; a library rule (relu) and the same
+    user rule at new weights compile nothing new."""
+    compiled.clear_programs()
+    x = jnp.linspace(-1.0, 1.0, 4)
+
+    def with_rule(s):
+        @jax.custom_jvp
+        def f(z):
+            return jnp.sin(z)
+
+        @f.defjvp
+        def f_jvp(primals, tangents):
+            return f(primals[0]), s * jnp.cos(primals[0]) * tangents[0]
+
+        return f
+
+    def with_callback(s):
+        def host(a):
+            return np.asarray(a) * s
+
+        def f(z):
+            return jax.pure_callback(host, jax.ShapeDtypeStruct(z.shape, z.dtype), z)
+
+        f = jax.custom_jvp(f)
+        f.defjvp(lambda p, t: (f(p[0]), jnp.asarray(s, t[0].dtype) * t[0]))
+        return f
+
+    for make, exact in [(with_rule, lambda s: s**2 * np.mean(np.cos(np.asarray(x)) ** 2)),
+                        (with_callback, lambda s: s**2)]:
+        for s_ in (1.0, 3.0):
+            np.testing.assert_allclose(_phi(make(s_), x), exact(s_), rtol=1e-5)
+    ns = {"__name__": "notebook", "jax": jax, "jnp": jnp, "S": 1.0}
+    exec("@jax.custom_jvp\n"
+         "def g(z):\n    return jnp.sin(z)\n"
+         "@g.defjvp\n"
+         "def g_jvp(p, t):\n    return g(p[0]), S * jnp.cos(p[0]) * t[0]\n", ns)
+    for s_ in (1.0, 3.0):
+        ns["S"] = s_
+        np.testing.assert_allclose(_phi(ns["g"], x), _exact_phi(ns["g"], x), rtol=1e-5)
+    for act in (jax.nn.relu, ns["g"]):
+        ws = [jnp.asarray(np.random.default_rng(k).standard_normal((4, 4)), jnp.float32)
+              for k in range(3)]
+        _phi(lambda z, w=ws[0]: act(w @ z), x)
+        with count_compilations() as events:
+            for w in ws[1:]:
+                _phi(lambda z, w=w: act(w @ z), x)
+        assert not events, f"{len(events)} compilations at new weights"
+
+
 def test_fast_path_never_shares_a_program_between_different_functions():
     """Same code with different static values, a redefined global helper, repeated arrays:
     each probe equals the exact φ of its own function."""

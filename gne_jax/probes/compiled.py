@@ -12,8 +12,9 @@ compilation) and splits it into
 
 * its ``Structure``: the jaxpr with every closed-over array turned into an input
   (``constvars``), the input/output tree structures and abstract values. Two
-  structures are equal when their jaxprs print the same, whatever Python function
-  object produced them;
+  structures are equal when their jaxprs print the same and the user functions inside
+  their parameters (custom JVP/VJP rules, host callbacks, which the print does not
+  show) are described alike, whatever Python function object produced them;
 * its constants: the closed-over arrays themselves (passed as data).
 
 ``call(impl, static, fns, args)`` then runs ``impl(*bound_fns, *args, **static)`` in a
@@ -84,7 +85,8 @@ class Structure:
 
     def __init__(self, jaxpr, in_tree, out_tree, in_avals, out_shape):
         const_avals = tuple(v.aval for v in jaxpr.constvars)
-        self.key = (str(jaxpr), in_tree, out_tree, tuple(in_avals), const_avals)
+        self.key = (str(jaxpr), in_tree, out_tree, tuple(in_avals), const_avals,
+                    _rules_key(jaxpr))
         self.jaxpr = jaxpr
         self.in_tree = in_tree
         self.out_tree = out_tree
@@ -108,6 +110,76 @@ class Structure:
             return jax.tree.unflatten(out_tree, out)
 
         return fn
+
+
+def _rule_functions(obj, depth: int = 8) -> list:
+    """The user's functions reachable from a jaxpr parameter (a custom-derivative rule, a
+    host callback), through the library's wrappers around them."""
+    seen: set[int] = set()
+    found: list = []
+
+    def walk(v, d):
+        if d < 0 or v is None or id(v) in seen or isinstance(
+                v, (bool, int, float, str, bytes, type, types.ModuleType)):
+            return
+        seen.add(id(v))
+        if isinstance(v, functools.partial):
+            for e in (v.func, *v.args, *v.keywords.values()):
+                walk(e, d - 1)
+        elif isinstance(v, types.FunctionType):
+            if not _is_library(v):
+                found.append(v)
+                return
+            for cell in v.__closure__ or ():
+                try:
+                    walk(cell.cell_contents, d - 1)
+                except ValueError:  # an empty cell
+                    pass
+        elif isinstance(v, (tuple, list)):
+            for e in v:
+                walk(e, d - 1)
+        elif isinstance(v, dict):
+            for e in v.values():
+                walk(e, d - 1)
+        elif isinstance(v, weakref.ref):
+            walk(v(), d - 1)
+        elif _is_library(type(v)):  # a library's wrapper object (WrappedFun, a callback)
+            for name in getattr(type(v), "__slots__", ()):
+                walk(getattr(v, name, None), d - 1)
+            walk(getattr(v, "__dict__", None), d - 1)
+
+    walk(obj, depth)
+    return found
+
+
+def _rules_key(jaxpr) -> tuple:
+    """What the jaxpr's text does not show: the user's functions inside its parameters
+    (custom JVP/VJP rules, host callbacks), each described like a closure (by identity when
+    it cannot be), so that two functions differing only there never share a program."""
+    out: list = []
+
+    def visit_jaxpr(j):
+        for eqn in j.eqns:
+            for v in eqn.params.values():
+                visit(v)
+
+    def visit(v):
+        if hasattr(v, "eqns"):  # a Jaxpr
+            visit_jaxpr(v)
+        elif hasattr(v, "jaxpr") and hasattr(v, "consts"):  # a ClosedJaxpr
+            visit_jaxpr(v.jaxpr)
+        elif isinstance(v, (tuple, list)):
+            for e in v:
+                visit(e)
+        elif not isinstance(v, (bool, int, float, str, type(None), np.ndarray, jax.Array)):
+            for f in _rule_functions(v):
+                try:
+                    out.append(_Describer().callable(f, arrays=False))
+                except Exception:  # noqa: BLE001 - an array or an odd object: by identity
+                    out.append(("opaque", _Ref(f)))
+
+    visit_jaxpr(jaxpr)
+    return tuple(out)
 
 
 def hoist(fn: Callable, *example_args, argname: str | None = "fn",
@@ -345,7 +417,7 @@ class _Describer:
     def __init__(self):
         self.leaves: list = []
         self.nodes = 0
-        self.active: set[int] = set()  # callables being described (recursion: fall back)
+        self.active: dict[int, int] = {}  # callables being described -> their depth
         self.classes: set[int] = set()  # user classes described (each once per description)
 
     def leaf(self, v, arrays: bool):
@@ -378,6 +450,8 @@ class _Describer:
                 getattr(v, "__self__", None) is None
                 or isinstance(v.__self__, (type, types.ModuleType))):
             return ("id", _Ref(v))  # C code (tuple.__new__, math.sqrt): no state of its own
+        if isinstance(v, (jax.custom_jvp, jax.custom_vjp)) and not _is_library(v):
+            return self._enter(v, self._custom_derivative, arrays)  # its function and rules
         if callable(v) and _is_library(v) and _is_library(type(v)) and (
                 type(v).__module__.partition(".")[0] in ("jax", "jaxlib")):
             return ("id", _Ref(v))  # jax's own wrapped functions (jnp.tanh, jax.nn.relu...)
@@ -463,14 +537,28 @@ class _Describer:
 
         ``arrays=False`` (globals): an array anywhere inside makes it fall back.
         """
+        return self._enter(f, self._callable, arrays)
+
+    def _enter(self, f, describe, arrays):
+        """``describe(f, arrays)``, or a back-reference when ``f`` is being described (a
+        recursive function, a custom-derivative rule that calls its function)."""
         self.nodes += 1
-        if self.nodes > self.MAX_NODES or id(f) in self.active:
+        if self.nodes > self.MAX_NODES:
             raise _Fallback
-        self.active.add(id(f))
+        if id(f) in self.active:
+            return ("cycle", self.active[id(f)])
+        self.active[id(f)] = len(self.active)
         try:
-            return self._callable(f, arrays)
+            return describe(f, arrays)
         finally:
-            self.active.discard(id(f))
+            del self.active[id(f)]
+
+    def _custom_derivative(self, v, arrays):
+        rules = ("jvp",) if isinstance(v, jax.custom_jvp) else ("fwd", "bwd")
+        return (type(v).__name__, self.callable(v.fun, arrays), v.nondiff_argnums,
+                getattr(v, "symbolic_zeros", None),
+                tuple(None if getattr(v, r, None) is None else self.callable(getattr(v, r), arrays)
+                      for r in rules))
 
     def _callable(self, f, arrays):
         if isinstance(f, functools.partial):
