@@ -267,3 +267,38 @@ def test_bad_input_errors():
         C.dense_gaussian(4, 4, sigma2=1.0, gain=1.0)
     with pytest.raises(TypeError, match="network node"):
         predict("relu")
+    with pytest.raises(ValueError, match="negative_slope must be finite"):
+        C.leaky_relu(float("nan"))
+    with pytest.raises(TypeError, match="negative_slope must be a real number"):
+        C.leaky_relu("0.3")
+    with pytest.raises(ValueError, match="zeta must be finite"):
+        C.scale(float("inf"))
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        C.batchnorm_eval(running_var=0.25, eps=-0.5)
+    with pytest.raises(ValueError, match="running_var \\+ eps must be > 0"):
+        C.batchnorm_eval(running_var=0.0, eps=0.0)
+    with pytest.raises(ValueError, match="running_rms \\+ eps must be > 0"):
+        C.smn_eval(running_rms=0.0, eps=0.0)
+    from gne_jax.theory import Concat, Repeat
+
+    with pytest.raises(ValueError, match="Repeat count must be an integer"):
+        predict(Repeat(C.scale(2.0), 2.5))
+    with pytest.raises(ValueError, match="Concat needs integer channel counts"):
+        predict(Concat(C.identity(), 0, 0))
+
+
+@pytest.mark.parametrize("make, value, closed_form", [
+    (C.leaky_relu, 0.3, lambda a: (1 + a**2) / 2),
+    (C.prelu, 0.3, lambda a: (1 + a**2) / 2),
+    (C.sprelu, 0.3, lambda a: 0.5),
+    (C.dropout, 0.8, lambda p: 1 / p),
+    (C.scale, 0.7, lambda z: z**2),
+])
+def test_component_parameters_can_be_traced(make, value, closed_form):
+    """A component's own parameter under jit and vmap (a sweep over slopes or scales) gives
+    the eager value and the closed form φ (centred unit input)."""
+    eager = float(predict(make(value), 1.0).phi)
+    jitted = float(jax.jit(lambda v: predict(make(v), 1.0).phi)(value))
+    swept = np.asarray(jax.vmap(lambda v: predict(make(v), 1.0).phi)(jnp.array([value, value])))
+    np.testing.assert_allclose([jitted, *swept], eager, rtol=1e-6)
+    np.testing.assert_allclose(eager, closed_form(value), rtol=1e-6)

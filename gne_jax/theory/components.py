@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr
 
+from gne_jax._tree import is_concrete
+
 Array = jax.Array
 
 __all__ = [
@@ -148,6 +150,24 @@ def _check_positive(name: str, value, *, allow_zero: bool = False) -> None:
     if bad or not np.all(np.isfinite(v)):
         rel = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {rel}, got {value!r}")
+
+
+def _check_number(name: str, value) -> None:
+    """A finite real number (a traced value passes: it is checked where it is concrete)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if isinstance(value, (bool, str, bytes)) or not np.issubdtype(
+            np.asarray(value).dtype, np.number) or np.iscomplexobj(value):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not np.all(np.isfinite(np.asarray(value))):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def _label(value, fmt: str = "g") -> str:
+    """``value`` for a component's name; a traced value (under jit/vmap) is named ``·``."""
+    if isinstance(value, jax.core.Tracer):
+        return "·"
+    return format(float(value), fmt)
 
 
 def _check_int(name: str, value) -> int:
@@ -399,6 +419,7 @@ def leaky_relu(negative_slope=0.01, *, p=None) -> Component:
     (q' = (1+a²)q/2 for a centred input) and tracks the output mean and the
     within-channel variance, which batch norm after the next layer sees.
     """
+    _check_number("negative_slope", negative_slope)
     if p is not None:
         _check_positive("p", p)
         if not isinstance(p, jax.core.Tracer) and p > 1:
@@ -424,7 +445,7 @@ def leaky_relu(negative_slope=0.01, *, p=None) -> Component:
         v_out = q_out - _channel_mean_sq(lambda mu: _leaky_mean(mu, sv, a), sig)
         return Signal(q_out, jnp.maximum(v_out, 0.0), m_out)
 
-    return _make(f"leaky_relu({float(negative_slope):g})", moments, propagate)
+    return _make(f"leaky_relu({_label(negative_slope)})", moments, propagate)
 
 
 def relu(*, p=None) -> Component:
@@ -434,7 +455,7 @@ def relu(*, p=None) -> Component:
 
 def prelu(slope=0.25, *, p=None) -> Component:
     """PReLU at its current slope a (init 0.25: φ = 0.53125, ϕ = 0.2197): as leaky ReLU."""
-    return leaky_relu(slope, p=p)._replace(name=f"prelu({float(slope):g})")
+    return leaky_relu(slope, p=p)._replace(name=f"prelu({_label(slope)})")
 
 
 def sprelu(slope=0.25, *, p=None) -> Component:
@@ -450,7 +471,7 @@ def sprelu(slope=0.25, *, p=None) -> Component:
         o = base.propagate(sig)
         return Signal(o.q * c2, o.v * c2, o.m * jnp.sqrt(c2))
 
-    return _make(f"sprelu({float(slope):g})", moments, propagate)
+    return _make(f"sprelu({_label(slope)})", moments, propagate)
 
 
 def _moments_from_derivative(dfn, q, degree, method="gauss_hermite", mean=0.0) -> Moments:
@@ -569,7 +590,7 @@ def selu(lam=1.0507009873554805, alpha=1.6732632423543772) -> Component:
         m_out = gaussian_expectation(fn, sig.q)
         return Signal(q_out, jnp.maximum(q_out - m_out**2, 0.0), m_out)
 
-    return _make(f"selu({float(lam):.4g},{float(alpha):.4g})",
+    return _make(f"selu({_label(lam, '.4g')},{_label(alpha, '.4g')})",
                  lambda sig: selu_moments(lam, alpha, sig.q), propagate)
 
 
@@ -647,6 +668,10 @@ def batchnorm_train(M: int, *, gamma=1.0, eps=0.0, rank=None, fan_in=None) -> Co
 def batchnorm_eval(*, running_var=1.0, gamma=1.0, eps=1e-5) -> Component:
     """Batch norm in eval mode (running mean 0): diag γ/√(rv+ε): φ = γ²/(rv+ε), ϕ = 0."""
     _check_positive("running_var", running_var, allow_zero=True)
+    _check_positive("eps", eps, allow_zero=True)
+    _check_number("gamma", gamma)
+    if is_concrete((running_var, eps)) and float(running_var) + float(eps) <= 0:
+        raise ValueError("running_var + eps must be > 0 (the layer divides by its root)")
     return _diag_linear("batchnorm_eval", _f(gamma) ** 2 / (_f(running_var) + _f(eps)))
 
 
@@ -674,6 +699,10 @@ def smn_train(M: int, *, gamma=1.0, eps=0.0, rank=None, fan_in=None) -> Componen
 def smn_eval(*, running_rms=1.0, gamma=1.0, eps=1e-5) -> Component:
     """SMN in eval mode: diag γ/(rRMS+ε): φ = γ²/(rRMS+ε)², ϕ = 0."""
     _check_positive("running_rms", running_rms, allow_zero=True)
+    _check_positive("eps", eps, allow_zero=True)
+    _check_number("gamma", gamma)
+    if is_concrete((running_rms, eps)) and float(running_rms) + float(eps) <= 0:
+        raise ValueError("running_rms + eps must be > 0 (the layer divides by it)")
     return _diag_linear("smn_eval", _f(gamma) ** 2 / (_f(running_rms) + _f(eps)) ** 2)
 
 
@@ -746,7 +775,7 @@ def dropout(keep_prob) -> Component:
         raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob!r}")
     p = _f(keep_prob)
     mom = Moments(1 / p, (1 - p) / p**3)
-    return _make(f"dropout({float(keep_prob):g})", lambda sig: mom,
+    return _make(f"dropout({_label(keep_prob)})", lambda sig: mom,
                  lambda sig: Signal(sig.q / p, sig.v + sig.q * (1 / p - 1), sig.m))
 
 
@@ -796,4 +825,5 @@ def identity() -> Component:
 
 def scale(zeta) -> Component:
     """J = ζI (a scalar multiplier, e.g. a residual branch scale): φ = ζ², ϕ = 0."""
-    return _diag_linear(f"scale({float(zeta):g})", _f(zeta) ** 2, mean_gain=_f(zeta))
+    _check_number("zeta", zeta)
+    return _diag_linear(f"scale({_label(zeta)})", _f(zeta) ** 2, mean_gain=_f(zeta))

@@ -216,8 +216,8 @@ def _eval(node, sig: Signal) -> Prediction:
         shortcut = identity() if node.shortcut is None else node.shortcut
         return _eval(Parallel((shortcut, branch), name=node.name), sig)
     if isinstance(node, Repeat):
-        if int(node.count) < 1:
-            raise ValueError(f"Repeat count must be >= 1, got {node.count}")
+        if isinstance(node.count, bool) or int(node.count) != node.count or node.count < 1:
+            raise ValueError(f"Repeat count must be an integer >= 1, got {node.count!r}")
 
         def step(carry, _):
             acc_phi, acc_varphi, h = carry
@@ -236,7 +236,11 @@ def _eval(node, sig: Signal) -> Prediction:
         return Prediction(node.name, phi, varphi, q, h.q, 1.0, (stacked,), h)
     if isinstance(node, Concat):
         f = _eval(node.branch, sig)
-        cf, cx = int(node.c_new), int(node.c_carried)
+        cf, cx = node.c_new, node.c_carried
+        if any(isinstance(c, bool) or int(c) != c for c in (cf, cx)) or cf < 0 or cx < 1:
+            raise ValueError(f"Concat needs integer channel counts c_new >= 0 and c_carried "
+                             f">= 1, got c_new={cf!r}, c_carried={cx!r}")
+        cf, cx = int(cf), int(cx)
         phi = (cf * f.phi + cx) / (cf + cx)
         phi2 = (cx + 2 * cf * f.phi + cf * (f.varphi + f.phi**2)) / (cf + cx)
         w = lambda a, b: (cf * a + cx * b) / (cf + cx)
