@@ -198,3 +198,7 @@ def test_registry_errors():
         get_initializer("kaiming_normal")(KEY, (7,))
     with pytest.raises(ValueError, match="Bad arguments"):
         get_initializer("orthogonal", mode="fan_in")
+    for name, shape in (("orthogonal", (3, 3)), ("delta_orthogonal", (3, 3, 2, 2)),
+                        ("kaiming_normal", (3, 3))):
+        with pytest.raises(TypeError, match=f"{name}: dtype must be a floating type"):
+            get_initializer(name)(KEY, shape, jnp.int32)

@@ -486,8 +486,9 @@ def test_bad_configuration_errors():
     x = _x()
     with pytest.raises(ValueError, match="valid: .*l2.*l1"):
         SecondMomentNorm(variant="l3").init(KEY, x, use_running_average=False)
-    with pytest.raises(ValueError, match="momentum"):
-        SecondMomentNorm(momentum=1.5).init(KEY, x, use_running_average=False)
+    for layer in (SecondMomentNorm, MeanOnlyBatchNorm, MeterezBatchNorm):
+        with pytest.raises(ValueError, match=f"{layer.__name__}: momentum must be in"):
+            layer(momentum=1.5).init(KEY, x, use_running_average=False)
     with pytest.raises(ValueError, match="scale_factor"):
         MeterezBatchNorm(scale_factor="sqrt").init(KEY, x, use_running_average=False)
     with pytest.raises(ValueError, match="batch axis and a feature axis"):

@@ -65,6 +65,14 @@ def _check_shape(shape: Sequence[int], what: str) -> tuple[int, ...]:
     return shape
 
 
+def _check_dtype(dtype, what: str):
+    """A floating dtype: an integer kernel would round the draw to zeros."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{what}: dtype must be a floating type (kernels are real-valued "
+                        f"draws), got {jnp.dtype(dtype).name}.")
+    return dtype
+
+
 def _check_gain(gain: float, what: str) -> float:
     gain = float(gain)
     if not (math.isfinite(gain) and gain >= 0):
@@ -105,6 +113,7 @@ def _scaled(draw, gain: float, mode: str, what: str) -> Initializer:
 
     def init(key, shape, dtype=jnp.float32):
         shape = _check_shape(shape, what)
+        dtype = _check_dtype(dtype, what)
         return draw(key, shape, dtype, gain / math.sqrt(_fan(shape, mode, what)))
 
     return init
@@ -175,6 +184,7 @@ def orthogonal(gain: float = 1.0) -> Initializer:
 
     def init(key, shape, dtype=jnp.float32):
         shape = _check_shape(shape, "orthogonal")
+        dtype = _check_dtype(dtype, "orthogonal")
         fan_in, fan_out = math.prod(shape[:-1]), shape[-1]
         q = _haar(key, fan_in, fan_out, dtype)
         return (gain * q).reshape(shape).astype(dtype)
@@ -200,6 +210,7 @@ def delta_orthogonal(gain: float = 1.0, scale_by_fan_ratio: bool = False) -> Ini
 
     def init(key, shape, dtype=jnp.float32):
         shape = _check_shape(shape, "delta_orthogonal")
+        dtype = _check_dtype(dtype, "delta_orthogonal")
         if len(shape) < 3:
             raise ValueError(
                 f"delta_orthogonal needs a conv kernel (*spatial, c_in, c_out), got {shape}."

@@ -170,6 +170,9 @@ class _BatchStatNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
         """Normalizes ``x`` per feature with batch (or running) statistics."""
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1], got "
+                             f"{self.momentum}.")
         self.check()
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
@@ -224,8 +227,6 @@ class SecondMomentNorm(_BatchStatNorm):
             )
         if self.variant == "l1" and self.epsilon_inside_sqrt:
             raise ValueError("SecondMomentNorm: epsilon_inside_sqrt applies to variant='l2' only.")
-        if not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"SecondMomentNorm: momentum must be in [0, 1], got {self.momentum}.")
 
     # stats = (m̄, E[x²]); E[x²] is None for l1 (only the inside-sqrt form needs it)
     def batch_statistics(self, x, reduction_axes):
