@@ -105,6 +105,8 @@ def test_closed_form_cases():
         predict_model(dict(name="densenet_bc"), (2, 32, 32, 3))
     with pytest.raises(ValueError, match="input_shape"):
         predict_model(dict(name="mlp"), (2, 32, 32, 3))
+    with pytest.raises(ValueError, match=r"input_shape for 'mlp' must be 2 positive integers"):
+        predict_model(dict(name="mlp"), (16, -3))
 
 
 def test_mlp_prediction_against_ensemble():

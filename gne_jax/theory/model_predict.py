@@ -335,13 +335,13 @@ def model_network(config: Mapping[str, Any], input_shape, *, train: bool = True)
             f"predict_model does not model normalization={norm!r}: "
             f"{UNMODELLED_NORMALIZATIONS[norm]} Measure it with gne_jax.block_moments instead."
         )
-    input_shape = tuple(int(s) for s in input_shape)
     want = 2 if name == "mlp" else 4
-    if len(input_shape) != want:
-        raise ValueError(
-            f"input_shape for {name!r} must have {want} entries "
-            f"({'(batch, features)' if want == 2 else '(batch, H, W, C)'}); got {input_shape}"
-        )
+    layout = "(batch, features)" if want == 2 else "(batch, H, W, C)"
+    shape = tuple(input_shape)
+    if len(shape) != want or any(isinstance(s, bool) or int(s) != s or s < 1 for s in shape):
+        raise ValueError(f"input_shape for {name!r} must be {want} positive integers "
+                         f"{layout}; got {input_shape!r}")
+    input_shape = tuple(int(s) for s in shape)
     return _BUILDERS[name](model, input_shape, bool(train))
 
 
