@@ -608,6 +608,74 @@ def test_functions_differing_only_in_a_custom_rule_or_callback_never_share_a_pro
         assert not events, f"{len(events)} compilations at new weights"
 
 
+def test_jitted_closures_config_objects_and_static_callables_are_read_now(monkeypatch):
+    """From a second adversarial review: each probe equals the exact φ of what the function
+    computes now. A jitted closure keeps its weights as hidden constants (never shared),
+    a config object (SimpleNamespace, a plain object, a set) is read through its state, a
+    partial, bound method or custom_jvp in a pytree's static data is read through its code,
+    a user metaclass is read with its class, and the matmul precision is in the key."""
+    import types as pytypes
+
+    from flax import struct
+
+    compiled.clear_programs()
+    x = jnp.linspace(-1.0, 1.0, 4)
+    ws = [jnp.asarray(np.random.default_rng(k).standard_normal((4, 4)) / 2, jnp.float32)
+          for k in range(3)]
+    cases = []
+    for w in ws:  # a jitted closure over each weight
+        cases.append(jax.jit(lambda z, w=w: jnp.tanh(w @ z)))
+    cfg = pytypes.SimpleNamespace(scale=1.0)
+    obj_fn = lambda w: (lambda z: cfg.scale * jnp.tanh(w @ z))  # noqa: E731
+    cases.append(obj_fn(ws[0]))
+    ns = {"__name__": "user_static", "jnp": jnp, "jax": jax, "G": 1.0}
+    exec("def act(z, k=1.0):\n    return G * k * jnp.tanh(z)\n"
+         "class Meta(type):\n    scale = 1.0\n"
+         "class Scaled(metaclass=Meta):\n"
+         "    @classmethod\n    def apply(cls, z):\n        return type(cls).scale * z\n", ns)
+
+    @struct.dataclass
+    class Layer:
+        w: jax.Array
+        act: object = struct.field(pytree_node=False)
+
+        def __call__(self, z):
+            return self.act(self.w @ z)
+
+    static = Layer(ws[0], functools.partial(ns["act"], k=2.0))
+    for f in cases:
+        np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5)
+    for edit in ("cfg", "G", "Meta", "partial"):
+        if edit == "cfg":
+            cfg.scale = 3.0
+            f = obj_fn(ws[1])
+        elif edit == "G":
+            ns["G"] = 2.0
+            f = (lambda layer: (lambda z: layer(z)))(Layer(ws[1], static.act))
+        elif edit == "Meta":
+            _phi(lambda z: ns["Scaled"].apply(ws[1] @ z), x)
+            ns["Meta"].scale = 4.0
+            f = lambda z: ns["Scaled"].apply(ws[1] @ z)  # noqa: E731
+        else:
+            static.act.keywords["k"] = 5.0  # in place
+            f = (lambda layer: (lambda z: layer(z)))(Layer(ws[2], static.act))
+        np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5, err_msg=edit)
+    # a jitted closure's weights are not kept alive by the caches
+    big = jnp.ones((4, 4))
+    ref = weakref.ref(big)
+    _phi(jax.jit(lambda z, w=big: jnp.tanh(w @ z)), x)
+    del big
+    gc.collect()
+    assert ref() is None
+    # the matmul precision shapes the trace: a structure traced at another is not served
+    f = obj_fn(ws[2])
+    _phi(f, x)
+    st_default, _ = compiled.hoist_fast(f, x)
+    with jax.default_matmul_precision("highest"):
+        st_high, _ = compiled.hoist_fast(obj_fn(ws[1]), x)
+    assert st_default != st_high
+
+
 def test_fast_path_never_shares_a_program_between_different_functions():
     """Same code with different static values, a redefined global helper, repeated arrays:
     each probe equals the exact φ of its own function."""

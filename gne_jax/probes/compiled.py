@@ -81,12 +81,16 @@ MAX_PROGRAMS = 256
 class Structure:
     """A traced function without its constants: hashable by its jaxpr's text and avals."""
 
-    __slots__ = ("key", "jaxpr", "in_tree", "out_tree", "out_shape")
+    __slots__ = ("key", "jaxpr", "in_tree", "out_tree", "out_shape", "private")
 
     def __init__(self, jaxpr, in_tree, out_tree, in_avals, out_shape):
         const_avals = tuple(v.aval for v in jaxpr.constvars)
-        self.key = (str(jaxpr), in_tree, out_tree, tuple(in_avals), const_avals,
-                    _rules_key(jaxpr))
+        rules, private = _rules_key(jaxpr)
+        # ``private``: arrays the print does not show (a jitted closure's own constants, a
+        # rule's closed-over array) are part of this program: it is never shared or cached
+        self.private = private
+        self.key = (str(jaxpr), in_tree, out_tree, tuple(in_avals), const_avals, rules,
+                    object() if private else None)
         self.jaxpr = jaxpr
         self.in_tree = in_tree
         self.out_tree = out_tree
@@ -152,11 +156,16 @@ def _rule_functions(obj, depth: int = 8) -> list:
     return found
 
 
-def _rules_key(jaxpr) -> tuple:
-    """What the jaxpr's text does not show: the user's functions inside its parameters
-    (custom JVP/VJP rules, host callbacks), each described like a closure (by identity when
-    it cannot be), so that two functions differing only there never share a program."""
+def _rules_key(jaxpr) -> tuple[tuple, bool]:
+    """What the jaxpr's text does not show, and whether it holds private arrays.
+
+    The user's functions inside its parameters (custom JVP/VJP rules, host callbacks) are
+    described like closures (an object that cannot be described, by identity), so that
+    two functions differing only there never share a program. An inner jitted closure's
+    constants, or an array a rule closes over, are private to this trace.
+    """
     out: list = []
+    private = False
 
     def visit_jaxpr(j):
         for eqn in j.eqns:
@@ -164,22 +173,24 @@ def _rules_key(jaxpr) -> tuple:
                 visit(v)
 
     def visit(v):
-        if hasattr(v, "eqns"):  # a Jaxpr
-            visit_jaxpr(v)
-        elif hasattr(v, "jaxpr") and hasattr(v, "consts"):  # a ClosedJaxpr
+        nonlocal private
+        if hasattr(v, "jaxpr") and hasattr(v, "consts"):  # a ClosedJaxpr
+            private = private or bool(v.consts)
             visit_jaxpr(v.jaxpr)
+        elif hasattr(v, "eqns"):  # a Jaxpr
+            visit_jaxpr(v)
         elif isinstance(v, (tuple, list)):
             for e in v:
                 visit(e)
-        elif not isinstance(v, (bool, int, float, str, type(None), np.ndarray, jax.Array)):
+        elif not isinstance(v, (bool, int, float, str, type(None), np.ndarray, np.dtype,
+                                jax.Array)):
             for f in _rule_functions(v):
-                try:
-                    out.append(_Describer().callable(f, arrays=False))
-                except Exception:  # noqa: BLE001 - an array or an odd object: by identity
-                    out.append(("opaque", _Ref(f)))
+                d = _Describer(lenient=True)
+                out.append(d.callable(f, arrays=False))
+                private = private or d.opaque_arrays
 
     visit_jaxpr(jaxpr)
-    return tuple(out)
+    return tuple(out), private
 
 
 def hoist(fn: Callable, *example_args, argname: str | None = "fn",
@@ -304,8 +315,9 @@ def _aux_risks(v, out: list) -> None:
         if not _fixed_library_function(v):
             out.append(v)
         return
-    if isinstance(v, (list, dict, set)) or not _is_library(type(v)) or (
-            isinstance(v, types.ModuleType) and not _is_library(v)):
+    if isinstance(v, (list, dict, set, functools.partial, types.MethodType)) or not _is_library(
+            type(v)) or (isinstance(v, types.ModuleType) and not _is_library(v)) or (
+            isinstance(v, (jax.custom_jvp, jax.custom_vjp)) and not _library_callable(v)):
         out.append(v)
         return
     try:
@@ -346,11 +358,17 @@ def _plain_tree_classes(treedef):
 
 
 def _library_machinery(v) -> bool:
-    """An opaque object of a library's own (not a container, an array or a callable) that a
-    library puts on a user's class, such as Flax's descriptors and module state."""
-    return (_is_library(type(v)) and not callable(v)
-            and not isinstance(v, (jax.Array, np.ndarray, np.generic))
-            and jax.tree_util.treedef_is_leaf(jax.tree.structure(v)))
+    """An opaque object a library puts on a user's class or instance, not the user's
+    state: Flax's field descriptors, per-class module state and unbound-parent sentinel,
+    a NamedTuple's field getters (a C descriptor), an ABC's registry. Any other object that
+    cannot be described makes the description fall back."""
+    cls = type(v)
+    if callable(v) or isinstance(v, (jax.Array, np.ndarray, np.generic)):
+        return False
+    return ((cls.__module__.startswith("flax.")
+             and jax.tree_util.treedef_is_leaf(jax.tree.structure(v)))
+            or cls.__module__ in ("_abc", "_collections")
+            or (_is_library(cls) and hasattr(cls, "__get__")))  # a library's descriptor
 
 
 def _is_nnx_module(f) -> bool:
@@ -361,21 +379,52 @@ def _is_nnx_module(f) -> bool:
     return isinstance(f, nnx.Module)
 
 
-def _fixed_library_function(f, depth: int = 4) -> bool:
+def _library_callable(v, depth: int = 6, seen: frozenset = frozenset()) -> bool:
+    """A library's own function, bare or as JAX wraps it (``jax.jit``, ``custom_jvp``:
+    ``jnp.tanh``, ``jax.nn.relu``), with no user state: compared by identity."""
+    if id(v) in seen:  # a cycle (a rule that calls its own function) adds no state
+        return True
+    if depth == 0 or not callable(v) or isinstance(v, type):
+        return False
+    seen = seen | {id(v)}
+    if isinstance(v, types.FunctionType):
+        return _fixed_library_function(v, depth, seen)
+    if isinstance(v, (jax.custom_jvp, jax.custom_vjp)):
+        return all(_library_callable(getattr(v, r), depth - 1, seen)
+                   for r in ("fun", "jvp", "fwd", "bwd") if getattr(v, r, None) is not None)
+    if type(v).__module__.partition(".")[0] not in ("jax", "jaxlib"):
+        return False
+    wrapped = getattr(v, "__wrapped__", None)
+    if wrapped is not None:
+        return _library_callable(wrapped, depth - 1, seen)
+    return _is_library(v)  # a jax object without a Python function inside
+
+
+def _fixed_library_function(f, depth: int = 6, seen: frozenset = frozenset()) -> bool:
     """A library function whose result depends on its arguments only: one without a
-    closure, or a decorator's wrapper whose closure holds only such functions and Python
-    constants (``flax.linen.Module.apply``, ``Dense.__call__``). Compared by identity."""
+    closure, or a decorator's wrapper whose closure holds only such functions (JAX-wrapped
+    or not) and Python constants (``flax.linen.Module.apply``, ``Dense.__call__``,
+    ``jax.nn.relu``'s JVP rule). Compared by identity."""
     if not (isinstance(f, types.FunctionType) and _is_library(f)):
         return False
-    for cell in f.__closure__ or ():
-        try:
-            v = cell.cell_contents
-        except ValueError:  # an empty cell
-            return False
-        if not (v is None or isinstance(v, (bool, int, str, bytes))
-                or (depth > 0 and _fixed_library_function(v, depth - 1))):
-            return False
-    return True
+    seen = seen | {id(f)}
+    return all(_fixed_cell(cell, depth - 1, seen) for cell in f.__closure__ or ())
+
+
+def _fixed_cell(cell, depth: int, seen: frozenset) -> bool:
+    try:
+        v = cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return _fixed_value(v, depth, seen)
+
+
+def _fixed_value(v, depth: int, seen: frozenset) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str, bytes)):
+        return True
+    if isinstance(v, tuple):
+        return depth > 0 and all(_fixed_value(e, depth - 1, seen) for e in v)
+    return depth > 0 and _library_callable(v, depth, seen)
 
 
 _BUILTIN_CALLABLES = (types.BuiltinFunctionType, types.WrapperDescriptorType,
@@ -396,17 +445,31 @@ def _described_dunder(name: str, attr) -> bool:
     return isinstance(f, (types.FunctionType, property)) and name not in _BOOKKEEPING
 
 
-def _frozen_object(v) -> bool:
-    """An object whose fields cannot be reassigned: an unbound Flax module, a frozen
-    dataclass."""
+def _linen_module(v) -> bool:
     try:
         import flax.linen as nn
-        if isinstance(v, nn.Module):
-            return v.scope is None  # a bound module holds variables beside its fields
     except ImportError:  # pragma: no cover
-        pass
+        return False
+    return isinstance(v, nn.Module)
+
+
+def _frozen_object(v) -> bool:
+    """An unbound Flax Linen module or a frozen dataclass (described by its state)."""
+    if _linen_module(v):
+        return v.scope is None  # a bound module holds variables beside its fields
     params = getattr(type(v), "__dataclass_params__", None)
     return bool(params is not None and params.frozen)
+
+
+def _plain_object(v) -> bool:
+    """An instance of a user's class (not a function, module or class), or a namespace
+    (``types.SimpleNamespace``, ``argparse.Namespace``): described by its attributes."""
+    cls = type(v)
+    if cls is types.SimpleNamespace or (cls.__name__ == "Namespace"
+                                        and cls.__module__ == "argparse"):
+        return True
+    return not _is_library(cls) and not isinstance(
+        v, (type, types.ModuleType, types.FunctionType, types.MethodType, functools.partial))
 
 
 class _Describer:
@@ -414,13 +477,28 @@ class _Describer:
 
     MAX_NODES = 256  # callables visited at most, before falling back to tracing
 
-    def __init__(self):
+    def __init__(self, lenient: bool = False):
+        # lenient (a custom rule, a host callback): what cannot be described is compared
+        # by identity instead of falling back (an array so met makes the program private)
+        self.lenient = lenient
+        self.opaque_arrays = False
         self.leaves: list = []
         self.nodes = 0
         self.active: dict[int, int] = {}  # callables being described -> their depth
         self.classes: set[int] = set()  # user classes described (each once per description)
 
     def leaf(self, v, arrays: bool):
+        try:
+            return self._leaf(v, arrays)
+        except _Fallback:
+            if not self.lenient:
+                raise
+            if isinstance(v, (jax.Array, np.ndarray)):
+                self.opaque_arrays = True
+                return ("opaque array",)
+            return ("opaque", _Ref(v))
+
+    def _leaf(self, v, arrays: bool):
         if isinstance(v, jax.core.Tracer):
             raise _Fallback
         if isinstance(v, jax.Array):
@@ -450,17 +528,27 @@ class _Describer:
                 getattr(v, "__self__", None) is None
                 or isinstance(v.__self__, (type, types.ModuleType))):
             return ("id", _Ref(v))  # C code (tuple.__new__, math.sqrt): no state of its own
-        if isinstance(v, (jax.custom_jvp, jax.custom_vjp)) and not _is_library(v):
-            return self._enter(v, self._custom_derivative, arrays)  # its function and rules
-        if callable(v) and _is_library(v) and _is_library(type(v)) and (
-                type(v).__module__.partition(".")[0] in ("jax", "jaxlib")):
+        if _library_callable(v):
             return ("id", _Ref(v))  # jax's own wrapped functions (jnp.tanh, jax.nn.relu...)
-        if _frozen_object(v):  # each field described: a function field by its code, a
-            cls = type(v)  # submodule with its class, an array as data
-            return ("obj", _Ref(cls) if _is_library(cls) else self.user_class(cls),
-                    tuple((f.name, self.attribute(getattr(v, f.name), arrays))
-                          for f in dataclasses.fields(v)))
+        if isinstance(v, (jax.custom_jvp, jax.custom_vjp)):
+            return self._enter(v, self._custom_derivative, arrays)  # its function and rules
+        if _frozen_object(v) or _plain_object(v):
+            return self._enter(v, self.instance, arrays)
         raise _Fallback
+
+    def instance(self, v, arrays: bool):
+        """An object by its class and its current state, each attribute described (a
+        function by its code, a submodule with its class, an array as data): an attribute
+        changed in place changes the description. A Linen module by its fields."""
+        cls = type(v)
+        if _linen_module(v):
+            state = [(f.name, getattr(v, f.name)) for f in dataclasses.fields(v)]
+        else:
+            state = sorted(vars(v).items()) if hasattr(v, "__dict__") else []
+            state += [(n, getattr(v, n)) for c in cls.__mro__
+                      for n in getattr(c, "__slots__", ()) if hasattr(v, n)]
+        return ("obj", _Ref(cls) if _is_library(cls) else self.user_class(cls),
+                tuple((name, self.attribute(a, arrays)) for name, a in state))
 
     def user_class(self, cls: type):
         """A user's class by identity, with what its methods and class attributes hold now.
@@ -473,6 +561,8 @@ class _Describer:
             return ("class", _Ref(cls))
         self.classes.add(id(cls))
         parts = []
+        if not _is_library(type(cls)):  # a user's metaclass (its __getattr__, attributes)
+            parts.append(("metaclass", self.user_class(type(cls))))
         for c in cls.__mro__:
             if c is object or _is_library(c):
                 continue
@@ -642,6 +732,15 @@ class _HashedKey:
         return isinstance(other, _HashedKey) and self.hash == other.hash and self.key == other.key
 
 
+_TRACE_CONFIG = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_rank_promotion",
+                 "jax_numpy_dtype_promotion")
+
+
+def _trace_config() -> tuple:
+    """The JAX settings a trace depends on (x64, matmul precision, promotion rules)."""
+    return tuple(getattr(jax.config, name) for name in _TRACE_CONFIG)
+
+
 def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
                inputs: str = "x") -> tuple[Structure, list]:
     """``hoist``, without tracing ``fn`` again when its structure can be read from its code.
@@ -660,7 +759,7 @@ def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
         spec = describer.callable(fn)
         leaves = describer.leaves
         key = _HashedKey((spec, _alias_pattern(leaves), _aval_key(example_args),
-                          jax.config.read("jax_enable_x64")))
+                          _trace_config()))
     except Exception:  # noqa: BLE001 - _Fallback, an unhashable value, an odd object: trace
         return hoist(fn, *example_args, argname=argname, inputs=inputs)
     with _LOCK:
@@ -716,7 +815,9 @@ def _options_key(compiler_options):
 
 def program(impl: Callable, static: tuple, structures: tuple[Structure, ...],
             compiler_options: dict | None = None):
-    """The jitted ``(consts_list, *args) -> impl(*fns, *args, **dict(static))``, cached."""
+    """The jitted ``(consts_list, *args) -> impl(*fns, *args, **dict(static))``, cached
+    (except for a structure with private arrays: compiled for this call only, as a new
+    ``jax.jit`` of the user's jitted closure would be, and not kept)."""
     key = (impl, static, structures, _options_key(compiler_options))
     with _LOCK:
         prog = _PROGRAMS.get(key)
@@ -730,6 +831,8 @@ def program(impl: Callable, static: tuple, structures: tuple[Structure, ...],
         return impl(*fns, *args, **kw)
 
     prog = jax.jit(run, compiler_options=compiler_options)
+    if any(st.private for st in structures):
+        return prog
     with _LOCK:
         prog = _PROGRAMS.setdefault(key, prog)
         _PROGRAMS.move_to_end(key)
