@@ -676,6 +676,64 @@ def test_jitted_closures_config_objects_and_static_callables_are_read_now(monkey
     assert st_default != st_high
 
 
+def test_subclasses_of_builtins_and_odd_objects_are_read_now(monkeypatch):
+    """From a third review: a user subclass of list, dict, float, functools.partial or
+    jax.custom_jvp is read with its contents and state; static pytree floats are told apart
+    (-0.0, 1 vs 1.0); a dict containing itself does not break the process; a callable
+    object passed as ``fn`` is read without tracing after its first call and check."""
+    compiled.clear_programs()
+    x = jnp.linspace(-1.0, 1.0, 4)
+    ns = {"__name__": "user_odd", "jax": jax, "jnp": jnp, "functools": functools}
+    exec("class L(list):\n    pass\n"
+         "class Meters(float):\n    def __repr__(self):\n        return f'{float(self):.0f} m'\n"
+         "class P(functools.partial):\n    scale = 1.0\n"
+         "    def __call__(self, *a):\n        return self.scale * super().__call__(*a)\n"
+         "class CJ(jax.custom_jvp):\n"
+         "    def __call__(self, *a):\n        return self.scale * super().__call__(*a)\n"
+         "class Model:\n    def __init__(self, w):\n        self.w = w\n"
+         "    def __call__(self, z):\n        return jnp.tanh(self.w @ z)\n", ns)
+    lst = ns["L"]([2.0])
+    part = ns["P"](jnp.multiply, 2.0)
+    cj = ns["CJ"](jax.nn.relu.fun)
+    cj.defjvp(jax.nn.relu.jvp)
+    cj.scale = 2.0
+    cfg = {"scale": 2.0}
+    cfg["self"] = cfg
+    checks = [
+        (lambda: lst.__setitem__(0, 5.0), lambda: (lambda z: lst[0] * jnp.sin(z))),
+        (lambda: None, lambda: (lambda m: (lambda z: m * jnp.sin(z)))(ns["Meters"](1.2))),
+        (lambda: None, lambda: (lambda m: (lambda z: m * jnp.sin(z)))(ns["Meters"](1.4))),
+        (lambda: setattr(part, "scale", 3.0), lambda: (lambda z: part(jnp.sin(z)))),
+        (lambda: setattr(cj, "scale", 5.0), lambda: (lambda z: cj(z))),
+        (lambda: None, lambda: (lambda z: cfg["scale"] * jnp.sin(z))),
+    ]
+    for edit, make in checks:
+        _phi(make(), x)  # before the edit
+        edit()
+        f = make()
+        np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5)
+    from flax import struct
+
+    @struct.dataclass
+    class Static:
+        w: jax.Array
+        c: float = struct.field(pytree_node=False)
+
+    ws = [jnp.asarray(np.random.default_rng(k).standard_normal((4, 4)), jnp.float32)
+          for k in range(3)]
+    for c, w in zip((0.0, 0.0, -0.0), ws, strict=True):
+        f = (lambda p: (lambda z: p.w @ z * (jnp.arctan2(p.c, -1.0) + 4.0)))(Static(w, c))
+        np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5)
+    traced = []
+    hoist = compiled.hoist
+    monkeypatch.setattr(compiled, "hoist", lambda *a, **k: traced.append(1) or hoist(*a, **k))
+    for w in ws + [2 * w for w in ws]:
+        m = ns["Model"](w)
+        np.testing.assert_allclose(_phi(m, x), _exact_phi(m, x), rtol=1e-5)
+    assert len(traced) == 2, len(traced)  # the first call and its check
+    assert float(jnp.sum(jax.jacfwd(jnp.sin)(x))) > 0  # the process still runs JAX
+
+
 def test_fast_path_never_shares_a_program_between_different_functions():
     """Same code with different static values, a redefined global helper, repeated arrays:
     each probe equals the exact φ of its own function."""

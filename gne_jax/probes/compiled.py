@@ -298,10 +298,32 @@ def _is_stdlib(root: str) -> bool:
 _CONTAINERS = (dict, list, tuple, type(None), collections.OrderedDict, collections.defaultdict)
 
 
+def _contains_itself(v) -> bool:
+    """Whether a nest of dicts and lists reaches one of its own containers again."""
+    if not isinstance(v, (dict, list)):
+        return False
+    stack, active = [(v, False)], set()
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            active.discard(id(node))
+            continue
+        if id(node) in active:
+            return True
+        active.add(id(node))
+        stack.append((node, True))
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, False) for c in children if isinstance(c, (dict, list, tuple)))
+    return False
+
+
 def _aux_risks(v, out: list) -> None:
     """Appends to ``out`` what in a pytree node's static data ``==`` cannot vouch for: a
     mutable container (it may change in place), a user's function, class or object."""
-    if v is None or isinstance(v, (bool, int, float, complex, str, bytes, np.dtype, np.generic)):
+    if isinstance(v, (float, complex)):  # == equates -0.0 with 0.0 and 1.0 with 1
+        out.append(v)
+        return
+    if v is None or isinstance(v, (bool, int, str, bytes, np.dtype, np.generic)):
         return
     if isinstance(v, (tuple, frozenset)):
         for e in v:
@@ -389,7 +411,7 @@ def _library_callable(v, depth: int = 6, seen: frozenset = frozenset()) -> bool:
     seen = seen | {id(v)}
     if isinstance(v, types.FunctionType):
         return _fixed_library_function(v, depth, seen)
-    if isinstance(v, (jax.custom_jvp, jax.custom_vjp)):
+    if type(v) in (jax.custom_jvp, jax.custom_vjp):
         return all(_library_callable(getattr(v, r), depth - 1, seen)
                    for r in ("fun", "jvp", "fwd", "bwd") if getattr(v, r, None) is not None)
     if type(v).__module__.partition(".")[0] not in ("jax", "jaxlib"):
@@ -493,8 +515,9 @@ class _Describer:
         except _Fallback:
             if not self.lenient:
                 raise
-            if isinstance(v, (jax.Array, np.ndarray)):
-                self.opaque_arrays = True
+            if isinstance(v, (jax.Array, np.ndarray)) or (
+                    callable(v) and type(v).__module__.partition(".")[0] in ("jax", "jaxlib")):
+                self.opaque_arrays = True  # an array, or a jitted closure's hidden ones
                 return ("opaque array",)
             return ("opaque", _Ref(v))
 
@@ -506,9 +529,9 @@ class _Describer:
                 raise _Fallback
             self.leaves.append(v)
             return _array_key(v)
-        if v is None or v is Ellipsis or isinstance(v, (bool, int, str, bytes)):
+        if v is None or v is Ellipsis or type(v) in (bool, int, str, bytes):
             return ("const", type(v), v)
-        if isinstance(v, (float, complex)):  # repr tells -0.0 from 0.0 and equates NaNs
+        if type(v) in (float, complex):  # repr tells -0.0 from 0.0 and equates NaNs
             return ("num", type(v), repr(v))
         if isinstance(v, np.generic):
             return ("np", v.dtype, v.tobytes())
@@ -530,7 +553,7 @@ class _Describer:
             return ("id", _Ref(v))  # C code (tuple.__new__, math.sqrt): no state of its own
         if _library_callable(v):
             return ("id", _Ref(v))  # jax's own wrapped functions (jnp.tanh, jax.nn.relu...)
-        if isinstance(v, (jax.custom_jvp, jax.custom_vjp)):
+        if type(v) in (jax.custom_jvp, jax.custom_vjp):  # (a user subclass: an object)
             return self._enter(v, self._custom_derivative, arrays)  # its function and rules
         if _frozen_object(v) or _plain_object(v):
             return self._enter(v, self.instance, arrays)
@@ -547,8 +570,18 @@ class _Describer:
             state = sorted(vars(v).items()) if hasattr(v, "__dict__") else []
             state += [(n, getattr(v, n)) for c in cls.__mro__
                       for n in getattr(c, "__slots__", ()) if hasattr(v, n)]
+        base = None  # a user subclass of a builtin: its value or contents too
+        if isinstance(v, (bool, int, float, complex, str, bytes)):
+            builtin = next(b for b in cls.__mro__ if b in (bool, int, float, complex, str, bytes))
+            base = ("base", builtin, builtin.__repr__(v))
+        elif isinstance(v, dict):
+            base = ("items", self.attribute(dict(v), arrays))
+        elif isinstance(v, (list, tuple)):
+            base = ("items", self.attribute(list(v), arrays))
+        elif isinstance(v, (set, frozenset)):
+            raise _Fallback  # unordered: no stable description
         return ("obj", _Ref(cls) if _is_library(cls) else self.user_class(cls),
-                tuple((name, self.attribute(a, arrays)) for name, a in state))
+                tuple((name, self.attribute(a, arrays)) for name, a in state), base)
 
     def user_class(self, cls: type):
         """A user's class by identity, with what its methods and class attributes hold now.
@@ -598,6 +631,8 @@ class _Describer:
             return ("library value", type(v))
 
     def value(self, v, arrays: bool):
+        if _contains_itself(v):  # jax.tree.flatten would recurse without end
+            raise _Fallback
         flat, treedef = jax.tree.flatten(v)
         array_type = _array_type()
         described = []
@@ -653,12 +688,15 @@ class _Describer:
     def _callable(self, f, arrays):
         if isinstance(f, functools.partial):
             return ("partial", self.callable(f.func, arrays), self.value(f.args, arrays),
-                    self.value(f.keywords, arrays))
+                    self.value(f.keywords, arrays),  # a user subclass: its class and state
+                    None if type(f) is functools.partial else self.instance(f, arrays))
         if isinstance(f, types.MethodType):
             return ("method", self.callable(f.__func__, arrays), self.value(f.__self__, arrays))
         if not isinstance(f, types.FunctionType):
             if _is_nnx_module(f):  # a pytree: its arrays, structure and classes describe it
                 return ("pytree call", self.value(f, arrays))
+            if _frozen_object(f) or _plain_object(f):  # its class's __call__ and its state
+                return ("object call", self.instance(f, arrays))
             raise _Fallback
         if _fixed_library_function(f):
             return ("id", _Ref(f))
