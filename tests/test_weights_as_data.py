@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import importlib.util
 import json
 import os
 import resource
@@ -732,6 +733,67 @@ def test_subclasses_of_builtins_and_odd_objects_are_read_now(monkeypatch):
         np.testing.assert_allclose(_phi(m, x), _exact_phi(m, x), rtol=1e-5)
     assert len(traced) == 2, len(traced)  # the first call and its check
     assert float(jnp.sum(jax.jacfwd(jnp.sin)(x))) > 0  # the process still runs JAX
+
+
+USER_CONSTRUCTORS = """
+import dataclasses, functools
+import jax.numpy as jnp
+import flax.linen as nn
+
+SCALE = 1.0
+
+def helper(self, z, k):
+    return SCALE * k * z
+
+class Scaled:
+    def __init__(self, w):
+        self.w = w * SCALE
+
+@dataclasses.dataclass
+class Cfg:
+    s: float = dataclasses.field(default_factory=lambda: SCALE)
+
+class PM:
+    fwd = functools.partialmethod(helper, k=1.0)
+
+class Dn(nn.Module):
+    @nn.compact
+    def __call__(self, z):
+        return jnp.tanh(SCALE * nn.Dense(4)(z))
+"""
+
+
+def test_constructors_descriptors_and_flax_transformed_classes_are_read(tmp_path):
+    """From a fourth review: what a constructor, a dataclass default factory, a
+    partialmethod or the user's class inside a Flax transform (nn.vmap / nn.remat) reads
+    is part of the description: after ``SCALE = 3`` the same function gives the new φ."""
+    compiled.clear_programs()
+    path = tmp_path / "user_ctor.py"  # a real file: constructors written there are read
+    path.write_text(USER_CONSTRUCTORS)
+    spec = importlib.util.spec_from_file_location("user_ctor", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["user_ctor"] = mod
+    try:
+        spec.loader.exec_module(mod)
+        import flax.linen as nn
+
+        x = jnp.linspace(-1.0, 1.0, 4)
+        w = jnp.asarray(np.random.default_rng(0).standard_normal((4, 4)) / 2, jnp.float32)
+        vm = nn.vmap(mod.Dn, variable_axes={"params": None}, split_rngs={"params": False})()
+        rm = nn.remat(mod.Dn)()
+        pv, pr = vm.init(jax.random.key(0), x[None]), rm.init(jax.random.key(1), x)
+        fns = [lambda z: jnp.tanh(mod.Scaled(w).w @ z),
+               lambda z: jnp.tanh(mod.Cfg().s * (w @ z)),
+               lambda z: jnp.tanh(mod.PM().fwd(w @ z)),
+               lambda z: vm.apply(pv, z[None])[0],
+               lambda z: rm.apply(pr, z)]
+        for f in fns:
+            _phi(f, x)
+        mod.SCALE = 3.0
+        for i, f in enumerate(fns):
+            np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5, err_msg=str(i))
+    finally:
+        sys.modules.pop("user_ctor", None)
 
 
 def test_fast_path_never_shares_a_program_between_different_functions():

@@ -357,7 +357,7 @@ def _tree_parts(treedef) -> tuple[tuple[type, ...], list]:
         t = stack.pop()
         data = t.node_data()
         if data is not None:
-            if not _is_library(data[0]):
+            if isinstance(data[0], type) and _has_user_class(data[0]):
                 classes[data[0]] = None
             if data[0] not in _CONTAINERS:
                 _aux_risks(data[1], risks)
@@ -379,6 +379,12 @@ def _plain_tree_classes(treedef):
         return None
 
 
+def _has_user_class(cls: type) -> bool:
+    """Whether ``cls`` or a base of it is the user's (Flax's ``nn.scan(Block)`` is a Flax
+    class built on the user's ``Block``)."""
+    return any(not _is_library(c) for c in cls.__mro__ if c is not object)
+
+
 def _library_machinery(v) -> bool:
     """An opaque object a library puts on a user's class or instance, not the user's
     state: Flax's field descriptors, per-class module state and unbound-parent sentinel,
@@ -389,7 +395,7 @@ def _library_machinery(v) -> bool:
         return False
     return ((cls.__module__.startswith("flax.")
              and jax.tree_util.treedef_is_leaf(jax.tree.structure(v)))
-            or cls.__module__ in ("_abc", "_collections")
+            or cls.__module__ in ("_abc", "_collections", "dataclasses")  # (its sentinels)
             or (_is_library(cls) and hasattr(cls, "__get__")))  # a library's descriptor
 
 
@@ -453,7 +459,7 @@ _BUILTIN_CALLABLES = (types.BuiltinFunctionType, types.WrapperDescriptorType,
                       types.MethodDescriptorType, types.ClassMethodDescriptorType)
 
 _BOOKKEEPING = frozenset({  # dunders that do not compute on the arrays
-    "__init__", "__new__", "__post_init__", "__repr__", "__str__", "__eq__", "__ne__",
+    "__repr__", "__str__", "__eq__", "__ne__",
     "__hash__", "__setattr__", "__delattr__", "__init_subclass__", "__class_getitem__",
     "__getstate__", "__setstate__", "__reduce__", "__reduce_ex__", "__copy__", "__deepcopy__",
     "__getnewargs__", "__replace__",
@@ -537,7 +543,8 @@ class _Describer:
             return ("np", v.dtype, v.tobytes())
         if isinstance(v, np.dtype):
             return ("const", np.dtype, v)
-        if isinstance(v, (types.ModuleType, type)) and _is_library(v):
+        if isinstance(v, types.ModuleType) and _is_library(v) or (
+                isinstance(v, type) and not _has_user_class(v)):
             return ("id", _Ref(v))  # a library module or class by identity
         if isinstance(v, type):
             return self.user_class(v)
@@ -557,6 +564,11 @@ class _Describer:
             return self._enter(v, self._custom_derivative, arrays)  # its function and rules
         if _frozen_object(v) or _plain_object(v):
             return self._enter(v, self.instance, arrays)
+        if _library_machinery(v):  # Flax's sentinels and descriptors, a NamedTuple getter
+            try:
+                return ("library value", hash(v), v)  # by equality, or skipped when mutable
+            except TypeError:
+                return ("library value", type(v))
         raise _Fallback
 
     def instance(self, v, arrays: bool):
@@ -580,7 +592,7 @@ class _Describer:
             base = ("items", self.attribute(list(v), arrays))
         elif isinstance(v, (set, frozenset)):
             raise _Fallback  # unordered: no stable description
-        return ("obj", _Ref(cls) if _is_library(cls) else self.user_class(cls),
+        return ("obj", self.user_class(cls) if _has_user_class(cls) else _Ref(cls),
                 tuple((name, self.attribute(a, arrays)) for name, a in state), base)
 
     def user_class(self, cls: type):
@@ -596,6 +608,13 @@ class _Describer:
         parts = []
         if not _is_library(type(cls)):  # a user's metaclass (its __getattr__, attributes)
             parts.append(("metaclass", self.user_class(type(cls))))
+        if dataclasses.is_dataclass(cls):  # defaults and default factories of its fields
+            parts.append(("fields", tuple(
+                (f.name,
+                 None if f.default is dataclasses.MISSING else self.attribute(f.default, False),
+                 None if f.default_factory is dataclasses.MISSING
+                 else self.callable(f.default_factory, False))
+                for f in dataclasses.fields(cls))))
         for c in cls.__mro__:
             if c is object or _is_library(c):
                 continue
@@ -609,6 +628,11 @@ class _Describer:
     def _class_attribute(self, attr):
         if isinstance(attr, (staticmethod, classmethod)):
             attr = attr.__func__
+        if isinstance(attr, functools.partialmethod):
+            return ("partialmethod", self.callable(attr.func, False),
+                    self.value(attr.args, False), self.value(attr.keywords, False))
+        if isinstance(attr, functools.cached_property):
+            return ("cached_property", self.callable(attr.func, False))
         if isinstance(attr, property):
             return ("property", *(None if f is None else self.callable(f, False)
                                   for f in (attr.fget, attr.fset)))
@@ -620,15 +644,7 @@ class _Describer:
         """A class attribute, a dataclass field or a node's static data: described by value
         (functions by their code, containers by their contents), except a library's own
         opaque objects (Flax's descriptors, its per-class module state)."""
-        try:
-            return self.value(v, arrays)
-        except _Fallback:
-            if not _library_machinery(v):
-                raise
-        try:
-            return ("library value", hash(v), v)  # by equality, or skipped when mutable
-        except TypeError:
-            return ("library value", type(v))
+        return self.value(v, arrays)  # (a library's own opaque object: see _leaf)
 
     def value(self, v, arrays: bool):
         if _contains_itself(v):  # jax.tree.flatten would recurse without end
@@ -700,6 +716,13 @@ class _Describer:
             raise _Fallback
         if _fixed_library_function(f):
             return ("id", _Ref(f))
+        if f.__name__ in ("__init__", "__new__") and f.__code__.co_filename == "<string>":
+            # generated by dataclasses or namedtuple: its defaults (the default factories
+            # are described with the class's fields)
+            defaults, kwdefaults = f.__defaults__, f.__kwdefaults__
+            return ("generated", f.__code__,
+                    None if defaults is None else self.value(defaults, False),
+                    None if kwdefaults is None else self.value(kwdefaults, False))
         code, glob = f.__code__, f.__globals__
         try:
             cells = tuple(c.cell_contents for c in f.__closure__ or ())
