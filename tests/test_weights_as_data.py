@@ -47,6 +47,17 @@ from gne_jax.probes.blocks import single_block
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
+@pytest.fixture
+def traces(monkeypatch):
+    """A list that gets one entry per trace of a user function (``compiled.hoist``), with
+    the program cache cleared first."""
+    compiled.clear_programs()
+    traced = []
+    hoist = compiled.hoist
+    monkeypatch.setattr(compiled, "hoist", lambda *a, **k: traced.append(1) or hoist(*a, **k))
+    return traced
+
+
 @contextlib.contextmanager
 def count_compilations():
     """Yields a list that collects one entry per backend compilation inside the block."""
@@ -335,13 +346,10 @@ def _phi(fn, x):
     return float(jacobian_moments(fn, x, method="exact").phi)
 
 
-def test_fast_path_reads_closures_without_tracing(monkeypatch):
+def test_fast_path_reads_closures_without_tracing(traces):
     """After the first call of each form and one check at its first new weights, new
     closures over new weights are not traced."""
-    compiled.clear_programs()
-    traced = []
-    hoist = compiled.hoist
-    monkeypatch.setattr(compiled, "hoist", lambda *a, **k: traced.append(1) or hoist(*a, **k))
+    traced = traces
     x = jnp.ones((2, 12))
     states = [random_params(s, (12, 9, 5)) for s in range(4)]
     forms = [lambda p: (lambda z: mlp_apply(p, z)), lambda p: functools.partial(mlp_apply, p)]
@@ -370,14 +378,11 @@ def test_library_wrappers_are_fixed_and_wrappers_of_user_code_are_not():
     assert not compiled._fixed_library_function(user)
 
 
-def test_a_trace_that_reads_the_weights_values_is_traced_at_every_call(monkeypatch):
+def test_a_trace_that_reads_the_weights_values_is_traced_at_every_call(traces):
     """A function that reads its arrays' values while tracing (a NumPy norm of the weight)
     bakes them into the jaxpr: the check at its first new weights finds it, and from then
     on each call is traced; a function that does not is traced no more."""
-    compiled.clear_programs()
-    traced = []
-    hoist = compiled.hoist
-    monkeypatch.setattr(compiled, "hoist", lambda *a, **k: traced.append(1) or hoist(*a, **k))
+    traced = traces
     x = jnp.linspace(-1.0, 1.0, 5)
     ws = [jnp.asarray(np.random.default_rng(s).standard_normal((5, 5)), jnp.float32)
           for s in range(4)]
@@ -443,15 +448,12 @@ class Net(Base):
 """
 
 
-def test_a_users_module_classes_are_read_with_what_their_methods_read(monkeypatch):
+def test_a_users_module_classes_are_read_with_what_their_methods_read(traces):
     """A Linen model defined by the user: new weights reuse the program without a trace;
     editing a global its methods read, a class attribute (a number, an array) or a
     base-class method is seen by the next closure (as a new ``jax.jit`` of a new closure
     would see it)."""
-    compiled.clear_programs()
-    traced = []
-    hoist = compiled.hoist
-    monkeypatch.setattr(compiled, "hoist", lambda *a, **k: traced.append(1) or hoist(*a, **k))
+    traced = traces
     ns = {"__name__": "user_model"}
     exec(USER_LINEN_MODEL, ns)
     ns["d"] = jnp.ones((6, 6))  # a global array named like the attribute ``self.d``
@@ -493,14 +495,11 @@ class Net(nnx.Module):
 """
 
 
-def test_an_nnx_module_is_read_without_tracing_and_with_its_classes(monkeypatch):
+def test_an_nnx_module_is_read_without_tracing_and_with_its_classes(traces):
     """An NNX module passed as ``fn`` (or closed over): new weights are not traced after
     the first call and its check, and φ is the exact one; editing a global that the
     module's ``__call__`` reads is seen."""
-    compiled.clear_programs()
-    traced = []
-    hoist = compiled.hoist
-    monkeypatch.setattr(compiled, "hoist", lambda *a, **k: traced.append(1) or hoist(*a, **k))
+    traced = traces
     ns = {"__name__": "user_nnx_model"}
     exec(USER_NNX_MODEL, ns)
     from flax import nnx
@@ -525,13 +524,10 @@ class _Params(typing.NamedTuple):
     b: jax.Array
 
 
-def test_named_tuple_and_frozen_dataclass_weights_are_data(monkeypatch):
+def test_named_tuple_and_frozen_dataclass_weights_are_data(traces):
     """Weights in a NamedTuple or a frozen dataclass (whose methods read globals) are read
     without a trace after the first call and its check, and φ is exact."""
-    compiled.clear_programs()
-    traced = []
-    hoist = compiled.hoist
-    monkeypatch.setattr(compiled, "hoist", lambda *a, **k: traced.append(1) or hoist(*a, **k))
+    traced = traces
     ns = {"__name__": "user_layers", "jnp": jnp, "dataclasses": dataclasses, "jax": jax}
     exec("ACT = jnp.tanh\n"
          "@dataclasses.dataclass(frozen=True)\n"

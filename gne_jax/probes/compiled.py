@@ -587,13 +587,13 @@ class _Describer:
             builtin = next(b for b in cls.__mro__ if b in (bool, int, float, complex, str, bytes))
             base = ("base", builtin, builtin.__repr__(v))
         elif isinstance(v, dict):
-            base = ("items", self.attribute(dict(v), arrays))
+            base = ("items", self.value(dict(v), arrays))
         elif isinstance(v, (list, tuple)):
-            base = ("items", self.attribute(list(v), arrays))
+            base = ("items", self.value(list(v), arrays))
         elif isinstance(v, (set, frozenset)):
             raise _Fallback  # unordered: no stable description
         return ("obj", self.user_class(cls) if _has_user_class(cls) else _Ref(cls),
-                tuple((name, self.attribute(a, arrays)) for name, a in state), base)
+                tuple((name, self.value(a, arrays)) for name, a in state), base)
 
     def user_class(self, cls: type):
         """A user's class by identity, with what its methods and class attributes hold now.
@@ -611,7 +611,7 @@ class _Describer:
         if dataclasses.is_dataclass(cls):  # defaults and default factories of its fields
             parts.append(("fields", tuple(
                 (f.name,
-                 None if f.default is dataclasses.MISSING else self.attribute(f.default, False),
+                 None if f.default is dataclasses.MISSING else self.value(f.default, False),
                  None if f.default_factory is dataclasses.MISSING
                  else self.callable(f.default_factory, False))
                 for f in dataclasses.fields(cls))))
@@ -638,13 +638,7 @@ class _Describer:
                                   for f in (attr.fget, attr.fset)))
         if isinstance(attr, types.FunctionType):
             return self.callable(attr, False)
-        return self.attribute(attr, False)
-
-    def attribute(self, v, arrays: bool):
-        """A class attribute, a dataclass field or a node's static data: described by value
-        (functions by their code, containers by their contents), except a library's own
-        opaque objects (Flax's descriptors, its per-class module state)."""
-        return self.value(v, arrays)  # (a library's own opaque object: see _leaf)
+        return self.value(attr, False)
 
     def value(self, v, arrays: bool):
         if _contains_itself(v):  # jax.tree.flatten would recurse without end
@@ -670,7 +664,7 @@ class _Describer:
         if classes or risks:  # an NNX module's classes, a user's pytree class, a function
             return ("tree", treedef, tuple(described),  # or a list in static fields
                     tuple(self.user_class(c) for c in classes),
-                    tuple(self.attribute(r, False) for r in risks))
+                    tuple(self.value(r, False) for r in risks))
         return ("tree", treedef, tuple(described))
 
     def callable(self, f, arrays: bool = True):
@@ -741,7 +735,7 @@ class _Describer:
                 None if defaults is None else self.value(defaults, arrays),
                 None if kwdefaults is None else self.value(kwdefaults, arrays),
                 tuple(self.value(c, arrays) for c in cells), described,
-                self.attribute(f.__dict__, False) if f.__dict__ and not library else None)
+                self.value(f.__dict__, False) if f.__dict__ and not library else None)
 
 
 @functools.cache
