@@ -73,6 +73,7 @@ import jax
 import numpy as np
 
 from gne_jax._tree import is_concrete
+from gne_jax.probes.jacobian import output_shape
 
 PyTree = Any
 MAX_PROGRAMS = 256
@@ -844,6 +845,19 @@ def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
             while len(_FAST) > 4 * MAX_PROGRAMS:
                 _FAST.popitem(last=False)
     return structure, consts
+
+
+def hoist_at_input(fn: Callable, x, *others) -> tuple[Structure | None, list | None, Any]:
+    """``(structure, consts, output ShapeDtypeStructs)`` of ``fn`` at its input ``x``, the
+    eager entry points' first step. ``structure`` and ``consts`` are None when ``x``,
+    ``others`` (keys, parameters) or an array ``fn`` closes over is traced: under an outer
+    jit/vmap/grad the caller computes inline."""
+    if not is_concrete((x, *others)):
+        return None, None, output_shape(fn, x)
+    structure, consts = hoist_fast(fn, x, argname="fn")
+    if not is_concrete(consts):
+        return None, None, structure.out_shape
+    return structure, consts, structure.out_shape
 
 
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()

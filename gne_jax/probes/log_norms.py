@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from gne_jax._tree import is_concrete, tree_size
+from gne_jax._tree import tree_size
 from gne_jax._validate import (
     check_choice,
     check_float_tree,
@@ -39,7 +39,6 @@ from gne_jax._validate import (
     check_positive_int,
 )
 from gne_jax.probes import compiled
-from gne_jax.probes.jacobian import output_shape
 from gne_jax.probes.moments import _all_finite, raise_non_finite
 
 PyTree = Any
@@ -175,12 +174,7 @@ def log_norms(
     if not callable(fn):
         raise TypeError(f"`fn` must be callable; got {type(fn).__name__}.")
     f = fn if params is None else functools.partial(fn, params)
-    eager = is_concrete((x, key, params, probes))
-    if eager:
-        structure, consts = compiled.hoist_fast(f, x, argname="fn")
-        out_struct = structure.out_shape
-    else:
-        out_struct = output_shape(f, x)
+    structure, consts, out_struct = compiled.hoist_at_input(f, x, key, params, probes)
     check_float_tree(out_struct, "fn(x)")
     if probes is not None:
         n = tree_size(x) if direction == "forward" else tree_size(out_struct)
@@ -190,7 +184,7 @@ def log_norms(
                 f"`probes` holds probes of {probes[0].size} elements (shape {probes.shape}); "
                 f"direction={direction!r} needs probes of {what}'s size, {n}.")
     options = dict(num_probes=num_probes, direction=direction, dist=dist)
-    if not eager or not is_concrete(consts):  # under an outer jit/vmap/grad: inline
+    if structure is None:  # under an outer jit/vmap/grad: inline
         return _measure(f, x, key, probes, **options)
     prog = compiled.program(_measure, tuple(sorted(options.items())), (structure,))
     result = prog([consts], x, key, probes)

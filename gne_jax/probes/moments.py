@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from gne_jax._tree import is_concrete, leaf_dtype, tree_size
+from gne_jax._tree import leaf_dtype, tree_size
 from gne_jax._validate import (
     check_choice,
     check_float_tree,
@@ -33,7 +33,6 @@ from gne_jax._validate import (
     check_positive_int,
 )
 from gne_jax.probes import compiled
-from gne_jax.probes.compiled import hoist_fast
 from gne_jax.probes.jacobian import jacobian_operators, output_shape
 from gne_jax.probes.stochtrace import (
     DISTRIBUTIONS,
@@ -332,12 +331,7 @@ def jacobian_moments(
     options = dict(num_probes=num_probes, method=method, dist=dist, normalize=normalize,
                    probe_chunk=probe_chunk)
     f = fn if params is None else functools.partial(fn, params)
-    eager = is_concrete((x, key, params))
-    if eager:
-        structure, consts = hoist_fast(f, x, argname="fn")
-        out_struct = structure.out_shape
-    else:
-        out_struct = output_shape(f, x)
+    structure, consts, out_struct = compiled.hoist_at_input(f, x, key, params)
     check_float_tree(out_struct, "fn(x)")
     if method == "exact":
         entries = tree_size(out_struct) * tree_size(x)
@@ -347,7 +341,7 @@ def jacobian_moments(
                 f"`exact_max_entries`={exact_max_entries}; use method='hutchinson' or raise "
                 f"the limit."
             )
-    if not eager or not is_concrete(consts):  # under an outer jit/vmap/grad: inline
+    if structure is None:  # under an outer jit/vmap/grad: inline
         return _moments_impl(f, x, key, **options, out_struct=out_struct)
     prog = compiled.program(_moment_samples, tuple(sorted(options.items())), (structure,))
     a, b, out_finite = prog([consts], x, key)
