@@ -223,7 +223,7 @@ def raise_if_asymmetric(stats, rtol: float | None = None) -> None:
     if gap > rtol * float(scale):
         raise ValueError(
             "matvec is not symmetric: u·(Av) = "
-            f"{float(s):.6g} but v·(Au) = {float(t):.6g} on random vectors u, v "
+            f"{float(s):.6g} but v·(Au) = {float(t):.6g} for two unit test vectors u, v "
             f"(relative gap {gap / max(float(scale), 1e-300):.3g} > "
             f"rtol={rtol:.3g}). Lanczos needs a symmetric operator (A = Aᵀ)."
         )
@@ -280,7 +280,8 @@ def lanczos_tridiag(
         if not is_concrete(v0):
             return _decompose(matvec, v0, **opts)
         # eagerly: one program per structure of the matvec (its arrays are data)
-        return compiled.call(_decompose, opts, [(matvec, (AbstractTree(v0).tree(),), "matvec")],
+        return compiled.call(_decompose, opts,
+                             [(matvec, (AbstractTree(v0).tree(),), "matvec", "v0")],
                              (v0,), compiler_options=probe_compiler_options())
 
     return decompose
@@ -299,7 +300,10 @@ def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol, symmetry=False):
     with t = q_jᵀ(A q_{j-1}), which is β_{j-1} by construction of q_j (A q_{j-1} minus
     its projection on the earlier basis, normalized; zero after a restart), so
     s − t = q_{j-1}ᵀ(A − Aᵀ)q_j. The pair with the largest |s − t|/scale, scale =
-    (‖A q_j‖ + ‖A q_{j-1}‖)/2, is returned as ``(s, t, scale)``.
+    max_{i ≤ j} ‖A q_i‖ (an estimate of ‖A‖, as ‖Au‖ is for ``symmetry_stats``), is
+    returned as ``(s, t, scale)``. A local scale such as ‖A q_j‖ would not do: after a
+    breakdown of a low-rank A the restart vectors lie in its null space, where s and t
+    are rounding noise of size eps·‖A‖ and ‖A q_j‖ is noise too.
     """
     n, dtype = v.shape[0], v.dtype
     rtol = float(jnp.finfo(dtype).eps) ** 0.75 if breakdown_rtol is None else breakdown_rtol
@@ -332,12 +336,12 @@ def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol, symmetry=False):
         if symmetry:  # q_{j-1}ᵀ A q_j against q_jᵀ A q_{j-1} = β_{j-1} (see docstring)
             s, t = jnp.vdot(q_prev, w), beta_prev
             norm_w = jnp.linalg.norm(w)
-            pair_scale = 0.5 * (norm_w + sym[3])
+            pair_scale = jnp.maximum(norm_w, sym[3])  # max ‖A q_i‖ so far, i ≤ j
             gap = jnp.abs(s - t) / jnp.maximum(pair_scale, jnp.finfo(dtype).tiny)
             worse = (j > 0) & ~stopped & jnp.isfinite(gap) & (gap > sym[4])
             sym = tuple(jnp.where(worse, new, old) for new, old in
                         zip((s, t, pair_scale), sym[:3], strict=True)) + (
-                norm_w, jnp.where(worse, gap, sym[4]))
+                jnp.where(stopped, sym[3], pair_scale), jnp.where(worse, gap, sym[4]))
         w = w - a * q - beta_prev * q_prev
         if reortho == "full":
             w = _orthogonalize(w, basis)
@@ -375,7 +379,7 @@ def _lanczos_flat(matvec, v, k, reortho, breakdown_rtol, symmetry=False):
         jnp.zeros((), jnp.int32),
         jnp.zeros((), jnp.int32),
         jnp.zeros((), bool),
-        # worst pair (s, t, scale), ‖A q_{j-1}‖, worst relative gap
+        # worst pair (s, t, scale), max ‖A q_i‖ so far, worst relative gap
         (zero, zero, zero, zero, jnp.full((), -1.0, dtype)),
     )
     basis, diag, beta, _, restarts, nfinite, _, sym = jax.lax.fori_loop(0, k, body, init)
@@ -504,7 +508,7 @@ def eigh_extreme(
             result, _ = _eigh_extreme(matvec, key, like=abstract, **opts)
             return result
         result, sym = compiled.call(_eigh_extreme, dict(like=abstract, **opts),
-                                    [(matvec, (abstract.tree(),), "matvec")], (key,),
+                                    [(matvec, (abstract.tree(),), "matvec", "like")], (key,),
                                     compiler_options=probe_compiler_options())
         raise_if_asymmetric(sym)
         raise_if_nonfinite(result.num_finite_steps, num_steps)
