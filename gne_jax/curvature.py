@@ -77,8 +77,10 @@ TRACE_METHODS = ("hutchinson", "hutch++")
 GROUPINGS = ("layer", "leaf", "all")
 
 
-def _check_scalar_loss(loss_fn: Callable, params: PyTree) -> None:
-    out = jax.eval_shape(loss_fn, params)
+def _check_scalar_loss(loss_fn: Callable, params: PyTree, out=None) -> None:
+    """Raise unless ``loss_fn(params)`` (of shapes ``out`` when given) is a float scalar."""
+    if out is None:
+        out = jax.eval_shape(loss_fn, params)
     if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(
             "`loss_fn(params)` must return a scalar float (the loss); got "
@@ -188,7 +190,7 @@ def trace(matvec: Matvec, like: PyTree, legacy_like: PyTree = None, /, *,
     if not is_concrete((like, key)):
         return _trace(matvec, key, like, **opts)
     result = compiled.call(_trace_program, dict(like=abstract, **opts),
-                           [(matvec, (abstract.tree(),), "matvec")], (key,))
+                           [(matvec, (abstract.tree(),), "matvec", "like")], (key,))
     _raise_if_nonfinite_estimate(result.value, "matvec")
     return result
 
@@ -198,8 +200,13 @@ def _hoisted_loss(loss_fn, params):
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be a callable; got {type(loss_fn).__name__}.")
     check_float_tree(params, "params")
-    _check_scalar_loss(loss_fn, params)
-    return (loss_fn, (AbstractTree(params).tree(),), "loss_fn")
+    example = AbstractTree(params).tree()
+    # eagerly, the output shapes of the trace the program reuses (none when the fast path
+    # reads the function's structure without tracing it)
+    out = compiled.hoist_fast(loss_fn, example, argname="loss_fn", inputs="params")[
+        0].out_shape if is_concrete(params) else None
+    _check_scalar_loss(loss_fn, params, out)
+    return (loss_fn, (example,), "loss_fn", "params")
 
 
 def _hessian_trace_program(loss_fn, params, key, **opts):
@@ -342,7 +349,7 @@ def group_traces(matvec: Matvec, like: PyTree, legacy_like: PyTree = None, /, *,
     if not is_concrete((like, key)):
         return _group_traces(matvec, key, like, **opts)
     result = compiled.call(_group_traces_program, dict(like=abstract, **opts),
-                           [(matvec, (abstract.tree(),), "matvec")], (key,))
+                           [(matvec, (abstract.tree(),), "matvec", "like")], (key,))
     _raise_if_nonfinite_estimate(result.total.value, "matvec")
     return result
 

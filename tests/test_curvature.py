@@ -199,6 +199,8 @@ def test_bad_input_errors():
     x, y = data()
     with pytest.raises(ValueError, match="scalar"):
         hessian_trace(lambda p: mlp(p, x), params, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"`loss_fn` rejected the input `params`"):
+        hessian_trace(lambda p: p["nope"], params, key=jax.random.key(0))
     with pytest.raises(ValueError, match="method"):
         hessian_trace(lambda p: squared_loss(p, x, y), params, key=jax.random.key(0),
                       method="xtrace")

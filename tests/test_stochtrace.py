@@ -64,6 +64,8 @@ def test_bad_arguments():
     for estimator in (hutchinson(4), hutchpp(6)):
         with pytest.raises(ValueError, match=r"`matvec` must map .* \[\(5,\)\] to \[\(4,\)\]"):
             estimator(lambda v: v[:4], jnp.zeros(5), key=KEY)
+        with pytest.raises(ValueError, match=r"`matvec` rejected the input `like`.*\(7,\)"):
+            estimator(lambda v: jnp.ones((6, 6)) @ v, jnp.zeros(7), key=KEY)
         with pytest.raises(ValueError, match="`like` has no elements"):
             estimator(lambda v: v, jnp.zeros(0), key=KEY)
         with pytest.raises(TypeError, match="`like` must hold real floating-point"):

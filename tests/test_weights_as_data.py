@@ -901,3 +901,169 @@ def test_python_scalars_are_structure_and_array_scalars_are_data():
                 r = jacobian_moments(lambda z, s=scale: s * z, x, method="exact")
                 np.testing.assert_allclose(float(r.phi), c**2, rtol=1e-6)
         assert len(events) == expected_compiles, (wrap, len(events))
+
+
+def test_fifth_review_sequences_are_read_now(tmp_path, monkeypatch):
+    """From a fifth adversarial review: each probe equals the exact φ of what its function
+    computes now. Dicts whose keys differ only in insertion order (a loop over
+    ``.values()``), a value that chooses which array a trace reads, a module imported in the
+    body or reached through ``sys.modules``, a host callback whose object changed state, and
+    NumPy scalars in a pytree's static data."""
+    compiled.clear_programs()
+    x = jnp.linspace(-1.0, 1.0, 8)
+
+    def w(seed, scale=1.0):
+        return jnp.asarray(scale * np.random.default_rng(seed).standard_normal((8, 8)) / 3,
+                           jnp.float32)
+
+    def net(ws, z):
+        for v in ws.values():  # insertion order
+            z = jnp.tanh(v @ z)
+        return z
+
+    def net_kw(z, **ws):
+        return net(ws, z)
+
+    def check(f, probe=None):
+        got = _phi(f, x) if probe is None else probe()
+        np.testing.assert_allclose(got, _exact_phi(f, x), rtol=1e-5)
+
+    for i, order in enumerate(["ab", "ba", "ba", "ab"]):
+        d = {c: w(10 * i + n, 1.0 if c == "a" else 3.0) for n, c in enumerate(order)}
+        check(lambda z, d=d: net(d, z))
+        check(lambda z, d=d: net(d, z),
+              lambda d=d: float(jacobian_moments(net, x, params=d, method="exact").phi))
+        check(functools.partial(net_kw, **d))
+
+    def choose(i, use_a):  # a traced value picks the array: the same jaxpr, other constants
+        a, b, sel = w(2 * i), w(2 * i + 1, 3.0), jnp.array(use_a)
+        return lambda z: jnp.tanh((a if bool(sel) else b) @ z)
+
+    for i, use_a in enumerate([True, False, False, True]):
+        check(choose(i, use_a))
+
+    (tmp_path / "gnecfg_review5.py").write_text("SCALE = 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = importlib.import_module("gnecfg_review5")
+    w0 = w(0)
+
+    def imported(z):
+        import gnecfg_review5  # noqa: PLC0415 - the form under test
+        return jnp.tanh(gnecfg_review5.SCALE * (w0 @ z))
+
+    def through_sys(z):
+        return jnp.tanh(sys.modules["gnecfg_review5"].SCALE * (w0 @ z))
+
+    def through_importlib(z):
+        return jnp.tanh(importlib.import_module("gnecfg_review5").SCALE * (w0 @ z))
+
+    for scale in (1.0, 3.0):
+        cfg.SCALE = scale
+        for f in (imported, through_sys, through_importlib):
+            check(f)
+
+    class Cfg:
+        def __init__(self, s):
+            self.s = s
+
+    def with_host(c):
+        host = lambda: np.float32(c.s)  # noqa: E731
+        return lambda z: jnp.tanh(
+            jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.float32)) * (w0 @ z))
+
+    c1 = Cfg(1.0)
+    f1 = with_host(c1)
+    check(f1)
+    c1.s = 3.0
+    check(f1)
+    check(with_host(Cfg(1.0)))  # described as f1 was at first, but f1's host now says 3
+
+    @functools.partial(jax.tree_util.register_dataclass, data_fields=["w"], meta_fields=["s"])
+    @dataclasses.dataclass
+    class Layer:
+        w: jax.Array
+        s: typing.Any
+
+    def signed(layer):
+        return lambda z: jnp.where(jnp.signbit(layer.s), 2.0, 1.0) * jnp.tanh(layer.w @ z)
+
+    check(signed(Layer(w0, np.float32(0.0))))
+    check(signed(Layer(w(1), np.float32(-0.0))))
+    d16, d32 = (compiled._Describer().callable(signed(Layer(w0, np.dtype(t).type(2.0))))
+                for t in ("float16", "float32"))
+    assert d16 != d32  # np.float16(2) == np.float32(2), but they promote differently
+
+
+def test_bound_linen_modules_are_traced_and_not_kept_alive():
+    """``model.bind(variables)`` passed as ``fn``: its scope holds the variables, so it is
+    traced (each call its exact φ) and the caches keep none of its weights alive."""
+    import flax.linen as nn
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, z):
+            return jnp.tanh(nn.Dense(8)(z))
+
+    compiled.clear_programs()
+    x = jnp.linspace(-1.0, 1.0, 8)
+    model, refs = M(), []
+    for i in range(3):
+        v = model.init(jax.random.key(i), x)
+        bound = model.bind(v)
+        np.testing.assert_allclose(_phi(bound, x), _exact_phi(lambda z, v=v: model.apply(v, z), x),
+                                   rtol=1e-5)
+        refs.append(weakref.ref(v["params"]["Dense_0"]["kernel"]))
+        del v, bound
+    gc.collect()
+    assert not any(r() is not None for r in refs)
+
+
+def test_static_pytrees_deep_sequentials_and_hessian_losses_are_not_traced(traces,
+                                                                          monkeypatch):
+    """Forms the fast path reads without tracing after its check call: a closure over a
+    ``register_static`` config (its own static data), a 70-layer ``nn.Sequential`` (four
+    described objects per layer), and the loss of an eager ``hessian_trace`` (whose
+    scalar check reads the first trace's output shape instead of tracing again)."""
+    import flax.linen as nn
+
+    traced = traces
+
+    @dataclasses.dataclass(frozen=True)
+    class StaticCfg:
+        scale: float
+
+    jax.tree_util.register_static(StaticCfg)
+    x = jnp.linspace(-1.0, 1.0, 8)
+    ws = [jnp.asarray(np.random.default_rng(s).standard_normal((8, 8)) / 3, jnp.float32)
+          for s in range(4)]
+    for scale in (2.0, 3.0):
+        traced.clear()
+        for v in ws:
+            f = lambda z, v=v: jnp.tanh(StaticCfg(scale).scale * (v @ z))  # noqa: E731
+            g = lambda z, v=v, c=StaticCfg(scale): jnp.tanh(c.scale * (v @ z))  # noqa: E731
+            np.testing.assert_allclose(_phi(g, x), _exact_phi(f, x), rtol=1e-5)
+        assert len(traced) == 2, len(traced)
+
+    model = nn.Sequential([layer for _ in range(70) for layer in (nn.Dense(8), nn.tanh)])
+    traced.clear()
+    for i in range(3):
+        v = model.init(jax.random.key(i), x)
+        f = functools.partial(model.apply, v)
+        np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-4)
+    assert len(traced) == 2, len(traced)
+
+    def make_loss(v):
+        return lambda p: jnp.sum(jnp.tanh(v @ p) ** 2)
+
+    p0 = jnp.linspace(-1.0, 1.0, 8)
+    shapes = []
+    eval_shape = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: shapes.append(1) or eval_shape(*a, **k))
+    for i, v in enumerate(ws):
+        if i == 2:  # after the first call and the check call
+            traced.clear()
+            shapes.clear()
+        est = hessian_trace(make_loss(v), p0, key=jax.random.key(0), num_probes=4)
+        assert i < 2 or not (traced or shapes), (len(traced), len(shapes))
+        exact = float(jnp.trace(jax.hessian(make_loss(v))(p0)))
+        assert abs(float(est.value) - exact) <= 5 * float(est.sem) + 1e-4

@@ -395,7 +395,7 @@ def spectral_density(
     if not is_concrete((like, key, arrays)):
         return _density(matvec, key, arrays, abstract.tree(), **opts)[0]
     result, sym = compiled.call(_density_program, dict(like=abstract, **opts),
-                                [(matvec, (abstract.tree(),), "matvec")], (key, arrays),
+                                [(matvec, (abstract.tree(),), "matvec", "like")], (key, arrays),
                                 compiler_options=probe_compiler_options())
     return _finish(result, sym, "matvec (spectral_density)")
 

@@ -31,7 +31,8 @@ call, which is the whole overhead of an eager call on a network that runs in ten
 ms. When ``fn`` is built only from plain Python functions, ``functools.partial``,
 bound methods and NNX modules (pytrees), its structure can be read without tracing:
 the code objects, the closure cells, defaults and partial arguments (pytrees whose
-array leaves are collected, the rest compared by value), and every global the code
+array leaves are collected, the rest compared by value, with the insertion order of
+their dicts' keys, which a treedef sorts), and every global the code
 loads (by value; a global array is not allowed). A user's class (a Linen module's, a
 frozen dataclass's, an NNX module's or another pytree node's) is described with what
 its methods load and its class attributes. Two functions with
@@ -43,8 +44,10 @@ does is traced at every call from then on); later calls only collect the arrays,
 run the program of the traced ``Structure`` (shared with every other form of the same
 computation). Anything the description cannot vouch for — a NumPy array or an
 unknown object in a closure, a global array, a global module of the user's (its
-attributes may be reassigned), a closure over a tracer, a recursive closure, a
-constant made while tracing — falls back to tracing, through a new function object
+attributes may be reassigned), an ``import`` in the body or ``sys``/``importlib``
+(any module's state), a bound Linen module (its scope holds the variables), a
+closure over a tracer, a recursive closure, a constant made while tracing, a host
+callback of the user's (a private program) — falls back to tracing, through a new function object
 so that JAX's trace cache (keyed by function object) never serves a trace made
 before a global was reassigned. Library functions (jax, flax, numpy, this
 package...) without user state (no closure, or a decorator's closure over library
@@ -56,6 +59,7 @@ calls, changes the description.
 
 from __future__ import annotations
 
+import builtins
 import collections
 import dataclasses
 import dis
@@ -66,7 +70,7 @@ import sysconfig
 import threading
 import types
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -140,6 +144,13 @@ def _rule_functions(obj, depth: int = 8) -> list:
                     walk(cell.cell_contents, d - 1)
                 except ValueError:  # an empty cell
                     pass
+        elif isinstance(v, types.MethodType):
+            if not (_is_library(v.__func__) and _is_library(type(v.__self__))):
+                found.append(v)  # a user's method, or a library method of a user's object
+                return
+            walk(v.__func__, d - 1)
+        elif callable(v) and not _is_library(type(v)):
+            found.append(v)  # a user's callable object
         elif isinstance(v, (tuple, list)):
             for e in v:
                 walk(e, d - 1)
@@ -157,19 +168,28 @@ def _rule_functions(obj, depth: int = 8) -> list:
     return found
 
 
+_CALLBACKS = frozenset({"pure_callback", "io_callback", "debug_callback"})
+
+
 def _rules_key(jaxpr) -> tuple[tuple, bool]:
     """What the jaxpr's text does not show, and whether it holds private arrays.
 
     The user's functions inside its parameters (custom JVP/VJP rules, host callbacks) are
     described like closures (an object that cannot be described, by identity), so that
     two functions differing only there never share a program. An inner jitted closure's
-    constants, or an array a rule closes over, are private to this trace.
+    constants, an array a rule closes over, or a host callback of the user's (called at
+    run time, with the state its objects have then) are private to this trace.
     """
     out: list = []
     private = False
 
     def visit_jaxpr(j):
+        nonlocal private
         for eqn in j.eqns:
+            if eqn.primitive.name in _CALLBACKS and _rule_functions(eqn.params):
+                # the program calls this host function object at run time, whose state
+                # may change after the trace: it is never shared with another function
+                private = True
             for v in eqn.params.values():
                 visit(v)
 
@@ -246,16 +266,22 @@ _LIBRARY_ROOTS = frozenset({  # their functions without user state are compared 
 
 
 _DYNAMIC_LOOKUPS = frozenset({"globals", "vars", "locals", "eval", "exec", "__import__"})
+_MODULE_LOOKUPS = frozenset({"sys", "importlib", "builtins"})  # modules that reach modules
 
 
 @functools.lru_cache(maxsize=4096)
 def _global_names(code: types.CodeType) -> tuple[str, ...]:
     """Every name ``code`` (and the code objects nested in it) may look up as a global.
 
-    Only the global loads: an attribute ``self.d`` does not read a global ``d``.
+    Only the global loads: an attribute ``self.d`` does not read a global ``d``. An
+    ``import`` statement counts as ``__import__`` (a dynamic lookup).
     """
-    names = {ins.argval for ins in dis.get_instructions(code)
-             if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    names = set()
+    for ins in dis.get_instructions(code):
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            names.add(ins.argval)
+        elif ins.opname == "IMPORT_NAME":  # ``import cfg`` in the body: a module's state
+            names.add("__import__")
     for c in code.co_consts:
         if isinstance(c, types.CodeType):
             names.update(_global_names(c))
@@ -321,10 +347,10 @@ def _contains_itself(v) -> bool:
 def _aux_risks(v, out: list) -> None:
     """Appends to ``out`` what in a pytree node's static data ``==`` cannot vouch for: a
     mutable container (it may change in place), a user's function, class or object."""
-    if isinstance(v, (float, complex)):  # == equates -0.0 with 0.0 and 1.0 with 1
-        out.append(v)
+    if isinstance(v, (float, complex, np.generic)):  # == equates -0.0 with 0.0, 1.0 with 1
+        out.append(v)  # and np.float16(2) with np.float32(2)
         return
-    if v is None or isinstance(v, (bool, int, str, bytes, np.dtype, np.generic)):
+    if v is None or isinstance(v, (bool, int, str, bytes, np.dtype)):
         return
     if isinstance(v, (tuple, frozenset)):
         for e in v:
@@ -347,6 +373,30 @@ def _aux_risks(v, out: list) -> None:
         hash(v)  # a library's immutable value (Flax's HashableMapping, jnp.tanh...)
     except TypeError:
         out.append(v)
+
+
+class _KeyOrders:
+    """The mappings met while flattening (``is_leaf=note``) whose keys are not in sorted
+    order, as ``(position, keys)``: a treedef sorts a dict's keys, while ``.values()`` and
+    ``.items()`` go in insertion order (the order of the layers a function loops over)."""
+
+    __slots__ = ("found", "count")
+
+    def __init__(self):
+        self.found: tuple = ()
+        self.count = 0
+
+    def note(self, node) -> bool:
+        self.count += 1
+        if isinstance(node, Mapping):
+            keys = tuple(node)
+            try:
+                plain = list(keys) == sorted(keys)
+            except TypeError:  # keys of mixed types
+                plain = False
+            if not plain:
+                self.found += ((self.count, keys),)
+        return False
 
 
 def _tree_parts(treedef) -> tuple[tuple[type, ...], list]:
@@ -497,6 +547,8 @@ def _plain_object(v) -> bool:
     if cls is types.SimpleNamespace or (cls.__name__ == "Namespace"
                                         and cls.__module__ == "argparse"):
         return True
+    if _linen_module(v):  # unbound: ``_frozen_object``; bound: its scope holds variables
+        return False
     return not _is_library(cls) and not isinstance(
         v, (type, types.ModuleType, types.FunctionType, types.MethodType, functools.partial))
 
@@ -504,7 +556,7 @@ def _plain_object(v) -> bool:
 class _Describer:
     """Reads a callable's structure; ``leaves`` collects its arrays (see ``callable``)."""
 
-    MAX_NODES = 256  # callables visited at most, before falling back to tracing
+    MAX_NODES = 4096  # callables and objects visited at most, before falling back to tracing
 
     def __init__(self, lenient: bool = False):
         # lenient (a custom rule, a host callback): what cannot be described is compared
@@ -544,6 +596,8 @@ class _Describer:
             return ("np", v.dtype, v.tobytes())
         if isinstance(v, np.dtype):
             return ("const", np.dtype, v)
+        if isinstance(v, types.ModuleType) and v.__name__ in _MODULE_LOOKUPS:
+            raise _Fallback  # sys.modules[...], importlib.import_module(...): any module's state
         if isinstance(v, types.ModuleType) and _is_library(v) or (
                 isinstance(v, type) and not _has_user_class(v)):
             return ("id", _Ref(v))  # a library module or class by identity
@@ -567,9 +621,13 @@ class _Describer:
             return self._enter(v, self.instance, arrays)
         if _library_machinery(v):  # Flax's sentinels and descriptors, a NamedTuple getter
             try:
-                return ("library value", hash(v), v)  # by equality, or skipped when mutable
+                hash(v)
             except TypeError:
-                return ("library value", type(v))
+                return ("library value", type(v))  # skipped when mutable
+            try:  # by equality, held weakly: the key keeps no object (nor its arrays) alive
+                return ("library value", type(v), weakref.ref(v))
+            except TypeError:
+                return ("library value", type(v), v)
         raise _Fallback
 
     def instance(self, v, arrays: bool):
@@ -644,7 +702,8 @@ class _Describer:
     def value(self, v, arrays: bool):
         if _contains_itself(v):  # jax.tree.flatten would recurse without end
             raise _Fallback
-        flat, treedef = jax.tree.flatten(v)
+        orders = _KeyOrders()
+        flat, treedef = jax.tree.flatten(v, is_leaf=orders.note)
         array_type = _array_type()
         described = []
         for a in flat:  # a concrete array (the common leaf: a weight) without the generic path
@@ -665,7 +724,10 @@ class _Describer:
         if classes or risks:  # an NNX module's classes, a user's pytree class, a function
             return ("tree", treedef, tuple(described),  # or a list in static fields
                     tuple(self.user_class(c) for c in classes),
-                    tuple(self.value(r, False) for r in risks))
+                    tuple(self.value(r, False) if isinstance(r, (list, dict))
+                          else self.leaf(r, False) for r in risks), orders.found)
+        if orders.found:
+            return ("tree", treedef, tuple(described), orders.found)
         return ("tree", treedef, tuple(described))
 
     def callable(self, f, arrays: bool = True):
@@ -725,8 +787,12 @@ class _Describer:
             raise _Fallback from None
         library = _is_library(f)
         names = _global_names(code)
-        if not library and not _DYNAMIC_LOOKUPS.isdisjoint(names):
-            raise _Fallback  # globals() / vars() / eval: names read other than by name
+        own_builtins = glob.get("__builtins__")
+        if not library and (not _DYNAMIC_LOOKUPS.isdisjoint(names) or (
+                own_builtins is not builtins and own_builtins is not builtins.__dict__)):
+            # globals() / vars() / eval / import: names read other than by name; or
+            # builtins of its own (``exec`` with a ``__builtins__``)
+            raise _Fallback
         # A library's globals are fixed. The globals dict itself is not part of the
         # description (nor kept alive): equal code reading equal values computes the same.
         described = () if library else tuple(
@@ -797,6 +863,14 @@ def _trace_config() -> tuple:
     return tuple(getattr(jax.config, name) for name in _TRACE_CONFIG)
 
 
+def _const_order(leaves: list, consts: list) -> tuple[int, ...] | None:
+    """For each constant of a trace, the index of the collected array it is (None when
+    one is none of them)."""
+    index = {id(a): i for i, a in reversed(list(enumerate(leaves)))}
+    order = [index.get(id(c)) for c in consts]
+    return None if None in order else tuple(order)
+
+
 def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
                inputs: str = "x") -> tuple[Structure, list]:
     """``hoist``, without tracing ``fn`` again when its structure can be read from its code.
@@ -827,16 +901,17 @@ def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
         if first is None or all(r() is a for r, a in zip(first, leaves, strict=True)):
             return structure, [leaves[i] for i in order]
         traced, consts = hoist(fn, *example_args, argname=argname, inputs=inputs)
-        with _LOCK:  # verified, or value-dependent: traced from now on
-            _FAST[key] = (structure, order if traced == structure else None, None)
+        # verified (the same jaxpr, whose constants are the same arrays), or
+        # value-dependent (a value chose the jaxpr or which array it reads): traced from now on
+        same = traced == structure and _const_order(leaves, consts) == order
+        with _LOCK:
+            _FAST[key] = (structure, order if same else None, None)
         return traced, consts
     structure, consts = hoist(fn, *example_args, argname=argname, inputs=inputs)
     if entry is None:
-        index = {id(a): i for i, a in reversed(list(enumerate(leaves)))}
-        order = [index.get(id(c)) for c in consts]
         # a constant that is none of the collected arrays (made while tracing, e.g. from
-        # a NumPy array): this description always traces
-        order = None if None in order else tuple(order)
+        # a NumPy array), or a program with private parts: this description always traces
+        order = None if structure.private else _const_order(leaves, consts)
         # the arrays of this first call, held weakly until a call with others checks
         # that the trace does not depend on their values
         first = tuple(weakref.ref(a) for a in leaves) if order is not None and leaves else None
@@ -917,18 +992,20 @@ def call(impl: Callable, static: dict, fns: Sequence[tuple[Callable, tuple, str]
     Args:
       impl: a module-level function (part of the cache key) taking the functions first.
       static: hashable options (Python ints, strings, None) that shape the program.
-      fns: ``(fn, example_args, argname)`` for each user function; ``fn`` is traced at
-        ``example_args`` (arrays or ``jax.ShapeDtypeStruct``) and its closed-over arrays
-        become arguments of the program.
+      fns: ``(fn, example_args, argname[, inputs])`` for each user function; ``fn`` is
+        traced at ``example_args`` (arrays or ``jax.ShapeDtypeStruct``) and its closed-over
+        arrays become arguments of the program; errors name ``argname`` and the example
+        argument ``inputs`` (default ``"x"``).
       args: the program's array arguments (inputs, keys).
 
     When a function closes over traced values or ``args`` are traced (an outer
     ``jit``/``vmap``), ``impl`` is called directly on the original functions instead.
     """
-    hoisted = [hoist_fast(f, *ex, argname=name) for f, ex, name in fns]
+    hoisted = [hoist_fast(f, *ex, argname=name, inputs=inputs[0] if inputs else "x")
+               for f, ex, name, *inputs in fns]
     if not is_concrete([c for _, c in hoisted], args):
         # a function closes over traced values (under an outer transformation): inline
-        return impl(*[f for f, _, _ in fns], *args, **static)
+        return impl(*[f for f, *_ in fns], *args, **static)
     structures = tuple(s for s, _ in hoisted)
     prog = program(impl, tuple(sorted(static.items())), structures, compiler_options)
     return prog([c for _, c in hoisted], *args)

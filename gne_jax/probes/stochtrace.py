@@ -174,7 +174,7 @@ def _estimate(impl, opts, matvec, like, key) -> TraceEstimate:
     if not is_concrete((like, key)):
         return impl(matvec, key, like=abstract, **opts)
     return compiled.call(impl, dict(like=abstract, **opts),
-                         [(matvec, (abstract.tree(),), "matvec")], (key,))
+                         [(matvec, (abstract.tree(),), "matvec", "like")], (key,))
 
 
 def _hutchinson(matvec, key, *, like, num_probes, dist, probe_chunk) -> TraceEstimate:
