@@ -140,6 +140,10 @@ def test_bad_arguments():
         log_norms(lambda z: z[:2], jnp.ones(3), probes=jnp.ones((2, 3)), direction="backward")
     with pytest.raises(ValueError, match="dist"):
         log_norms(jnp.sin, jnp.ones(3), key=key, dist="uniform")
+    with pytest.raises(ValueError, match=r"`probes`\[1\] has norm 0"):
+        log_norms(jnp.sin, jnp.ones(3), probes=jnp.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"`probes`\[0\] has norm nan"):
+        log_norms(jnp.sin, jnp.ones(3), probes=jnp.array([[jnp.nan, 0.0, 0.0]]))
 
 
 def test_the_former_distribution_name_still_works_with_a_warning():

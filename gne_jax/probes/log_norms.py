@@ -27,10 +27,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from gne_jax._tree import tree_size
+from gne_jax._tree import is_concrete, tree_size
 from gne_jax._validate import (
     check_choice,
     check_float_tree,
@@ -183,6 +184,14 @@ def log_norms(
             raise ValueError(
                 f"`probes` holds probes of {probes[0].size} elements (shape {probes.shape}); "
                 f"direction={direction!r} needs probes of {what}'s size, {n}.")
+        if is_concrete(probes):
+            norms = np.linalg.norm(np.asarray(probes, np.float64).reshape(num_probes, -1),
+                                   axis=1)
+            bad = np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))
+            if bad.size:
+                raise ValueError(
+                    f"`probes`[{bad[0]}] has norm {norms[bad[0]]:g}: every probe must be a "
+                    "finite, non-zero vector (the log-ratio divides by ‖v‖²).")
     options = dict(num_probes=num_probes, direction=direction, dist=dist)
     if structure is None:  # under an outer jit/vmap/grad: inline
         return _measure(f, x, key, probes, **options)

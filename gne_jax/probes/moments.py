@@ -97,9 +97,21 @@ class JacobianMoments:
 
     @property
     def spread_sem(self) -> jax.Array:
-        """Delta-method SE of ``spread`` from those of ϕ and φ (ignoring their covariance)."""
-        return jnp.sqrt((self.varphi_sem / self.phi**2) ** 2
-                        + (2 * self.varphi * self.phi_sem / self.phi**3) ** 2)
+        """Delta-method SE of ``spread`` ≈ φ̂₂/φ̂² − 1 over the probe samples (a, b):
+        Var ≈ Var b̄/φ⁴ + 4φ₂² Var ā/φ⁶ − 4φ₂ Cov(ā, b̄)/φ⁵, with the covariance of the
+        per-probe samples (strongly positive: a probe with a large ‖Jᵀv‖² has a large
+        ‖JJᵀv‖² too), plus the rounding floor of ``varphi_sem`` over φ²."""
+        a, b = self.phi_samples, self.phi2_samples
+        phi, phi2 = self.phi, self.phi2
+        k = a.shape[-1]
+        cov = 0.0 if k < 2 else jnp.sum(
+            (a - a.mean(-1, keepdims=True)) * (b - b.mean(-1, keepdims=True)), -1) / (k - 1) / k
+        var_a, var_b = self.phi_sem**2, self.phi2_sem**2
+        # the rounding floor is what varphi_sem carries beyond its delta-method variance
+        var_varphi = jnp.maximum(var_b + 4 * phi**2 * var_a - 4 * phi * cov, 0.0)
+        floor2 = jnp.maximum(self.varphi_sem**2 - var_varphi, 0.0)
+        var = var_b / phi**4 + 4 * phi2**2 * var_a / phi**6 - 4 * phi2 * cov / phi**5
+        return jnp.sqrt(jnp.maximum(var, 0.0) + floor2 / phi**4)
 
 
 def precision_floor(phi, phi2, eps) -> jax.Array:
