@@ -928,12 +928,34 @@ def test_fifth_review_sequences_are_read_now(tmp_path, monkeypatch):
         got = _phi(f, x) if probe is None else probe()
         np.testing.assert_allclose(got, _exact_phi(f, x), rtol=1e-5)
 
-    for i, order in enumerate(["ab", "ba", "ba", "ab"]):
+    from flax import nnx, struct
+    from flax.core import FrozenDict
+
+    @struct.dataclass
+    class Holder:
+        d: dict
+
+    class Net(nnx.Module):
+        def __init__(self, d, kind):
+            self.d = nnx.Dict(d) if kind == "nnx.Dict" else nnx.data(d)
+
+        def __call__(self, z):
+            return net(self.d, z)
+
+    # the second call checks the trace at new arrays in the same order; the third is read
+    # without tracing, so only the description tells its order from the first's
+    for i, order in enumerate(["ab", "ab", "ba", "ba", "ab"]):
         d = {c: w(10 * i + n, 1.0 if c == "a" else 3.0) for n, c in enumerate(order)}
+        frozen, holder = FrozenDict(d), Holder(d)
         check(lambda z, d=d: net(d, z))
         check(lambda z, d=d: net(d, z),
               lambda d=d: float(jacobian_moments(net, x, params=d, method="exact").phi))
         check(functools.partial(net_kw, **d))
+        check(lambda z, h={"x": (1, d)}: net(h["x"][1], z))  # noqa: B006 - nested in a nest
+        check(lambda z, d=frozen: net(d, z))  # mappings that are other pytree nodes,
+        check(lambda z, h=holder: net(h.d, z))  # or dicts below one
+        check(Net(d, "nnx.Dict"))
+        check(Net(d, "nnx.data"))
 
     def choose(i, use_a):  # a traced value picks the array: the same jaxpr, other constants
         a, b, sel = w(2 * i), w(2 * i + 1, 3.0), jnp.array(use_a)

@@ -325,10 +325,16 @@ def _is_stdlib(root: str) -> bool:
 _CONTAINERS = (dict, list, tuple, type(None), collections.OrderedDict, collections.defaultdict)
 
 
-def _contains_itself(v) -> bool:
-    """Whether a nest of dicts and lists reaches one of its own containers again."""
-    if not isinstance(v, (dict, list)):
-        return False
+def _dict_orders(v) -> tuple | None:
+    """The dicts of a nest of dicts, lists and tuples whose keys are not in sorted order,
+    as ``(index among its dicts, keys)`` (a treedef sorts a dict's keys, while ``.values()``
+    and ``.items()`` go in insertion order: the order of the layers a function loops over);
+    None when the nest reaches one of its own containers again (``jax.tree.flatten`` would
+    recurse without end)."""
+    if not isinstance(v, (dict, list, tuple)):
+        return ()
+    found: tuple = ()
+    count = 0
     stack, active = [(v, False)], set()
     while stack:
         node, leaving = stack.pop()
@@ -336,12 +342,26 @@ def _contains_itself(v) -> bool:
             active.discard(id(node))
             continue
         if id(node) in active:
-            return True
+            return None
         active.add(id(node))
         stack.append((node, True))
-        children = node.values() if isinstance(node, dict) else node
+        if isinstance(node, dict):
+            count += 1
+            keys = tuple(node)
+            if not _sorted_keys(keys):
+                found += ((count, keys),)
+            children = node.values()
+        else:
+            children = node
         stack.extend((c, False) for c in children if isinstance(c, (dict, list, tuple)))
-    return False
+    return found
+
+
+def _sorted_keys(keys: tuple) -> bool:
+    try:
+        return list(keys) == sorted(keys)
+    except TypeError:  # keys of mixed types
+        return False
 
 
 def _aux_risks(v, out: list) -> None:
@@ -376,9 +396,9 @@ def _aux_risks(v, out: list) -> None:
 
 
 class _KeyOrders:
-    """The mappings met while flattening (``is_leaf=note``) whose keys are not in sorted
-    order, as ``(position, keys)``: a treedef sorts a dict's keys, while ``.values()`` and
-    ``.items()`` go in insertion order (the order of the layers a function loops over)."""
+    """``_dict_orders`` of a tree whose mappings that walk does not reach (Flax's
+    ``FrozenDict``, NNX's ``Dict``, a dict inside an NNX module or a dataclass node), met
+    while flattening with ``is_leaf=note``."""
 
     __slots__ = ("found", "count")
 
@@ -387,43 +407,47 @@ class _KeyOrders:
         self.count = 0
 
     def note(self, node) -> bool:
-        self.count += 1
         if isinstance(node, Mapping):
+            self.count += 1
             keys = tuple(node)
-            try:
-                plain = list(keys) == sorted(keys)
-            except TypeError:  # keys of mixed types
-                plain = False
-            if not plain:
+            if not _sorted_keys(keys):
                 self.found += ((self.count, keys),)
         return False
 
 
-def _tree_parts(treedef) -> tuple[tuple[type, ...], list]:
-    """(the user's classes among the nodes, the risky static data of the other nodes)."""
+def _tree_parts(treedef) -> tuple[tuple[type, ...], list, bool]:
+    """(the user's classes among the nodes, the risky static data of the other nodes,
+    whether a mapping may lie beyond ``_dict_orders``' walk: the tree has a mapping and a
+    node other than a builtin container)."""
     classes: dict[type, None] = {}
     risks: list = []
+    mapping = other = False
     stack = [treedef]
     while stack:
         t = stack.pop()
         data = t.node_data()
         if data is not None:
-            if isinstance(data[0], type) and _has_user_class(data[0]):
-                classes[data[0]] = None
+            if isinstance(data[0], type):
+                if _has_user_class(data[0]):
+                    classes[data[0]] = None
+                mapping = mapping or issubclass(data[0], Mapping)
             if data[0] not in _CONTAINERS:
+                other = True
                 _aux_risks(data[1], risks)
         stack.extend(t.children())
-    return tuple(classes), risks
+    return tuple(classes), risks, mapping and other
 
 
 # Structures whose nodes hold nothing to describe beyond ``==`` (the user classes among
-# them, if any): looked up instead of walked. A tree with risky static data is walked at
-# every call and never stored, so no user object is kept alive here.
+# them, if any, and whether a mapping may lie beyond ``_dict_orders``' walk): looked up
+# instead of walked. A tree with risky static data is walked at every call and never
+# stored, so no user object is kept alive here.
 _PLAIN_TREES: collections.OrderedDict = collections.OrderedDict()
 
 
 def _plain_tree_classes(treedef):
-    """The user classes of ``treedef`` when it is plain (cached), else None."""
+    """``(user classes, non-builtin mappings?)`` of ``treedef`` when it is plain (cached),
+    else None."""
     try:
         return _PLAIN_TREES.get(treedef)
     except TypeError:  # unhashable static data
@@ -700,10 +724,10 @@ class _Describer:
         return self.value(attr, False)
 
     def value(self, v, arrays: bool):
-        if _contains_itself(v):  # jax.tree.flatten would recurse without end
+        orders = _dict_orders(v)
+        if orders is None:  # jax.tree.flatten would recurse without end
             raise _Fallback
-        orders = _KeyOrders()
-        flat, treedef = jax.tree.flatten(v, is_leaf=orders.note)
+        flat, treedef = jax.tree.flatten(v)
         array_type = _array_type()
         described = []
         for a in flat:  # a concrete array (the common leaf: a weight) without the generic path
@@ -712,22 +736,28 @@ class _Describer:
                 described.append(a.aval)  # what _array_key gives, without the call
             else:
                 described.append(self.leaf(a, arrays))
-        classes = _plain_tree_classes(treedef)
+        parts = _plain_tree_classes(treedef)
         risks: list = []
-        if classes is None:
-            classes, risks = _tree_parts(treedef)
+        if parts is None:
+            classes, risks, mappings = _tree_parts(treedef)
             if not risks:
                 with _LOCK:
-                    _PLAIN_TREES[treedef] = classes
+                    _PLAIN_TREES[treedef] = (classes, mappings)
                     while len(_PLAIN_TREES) > 4 * MAX_PROGRAMS:
                         _PLAIN_TREES.popitem(last=False)
+        else:
+            classes, mappings = parts
+        if mappings:  # a FrozenDict, a dict in an NNX module: met by flattening again
+            every = _KeyOrders()
+            jax.tree.flatten(v, is_leaf=every.note)
+            orders = every.found
         if classes or risks:  # an NNX module's classes, a user's pytree class, a function
             return ("tree", treedef, tuple(described),  # or a list in static fields
                     tuple(self.user_class(c) for c in classes),
                     tuple(self.value(r, False) if isinstance(r, (list, dict))
-                          else self.leaf(r, False) for r in risks), orders.found)
-        if orders.found:
-            return ("tree", treedef, tuple(described), orders.found)
+                          else self.leaf(r, False) for r in risks), orders)
+        if orders:
+            return ("tree", treedef, tuple(described), orders)
         return ("tree", treedef, tuple(described))
 
     def callable(self, f, arrays: bool = True):
