@@ -92,7 +92,7 @@ def option_effect():
     mlp = create_model({"name": "mlp", "depth": 32, "width": 256, "activation": "tanh",
                         "init": "orthogonal", "num_classes": None})
     xm = jax.random.normal(jax.random.key(0), (4, 256))
-    q = plan_ensemble(mlp, xm, key=key, num_inits=8, num_probes=16, mesh=None)
+    q = plan_ensemble(mlp, xm, key=key, num_inits=8, num_probes=16, mesh=None, train=False)
     vm = jax.jit(lambda x, k: q.init.__wrapped__(x, k))(xm, q.init_keys[0])
     cases["MLP-32 w256 measurement (8 inits)"] = (q.measure.__wrapped__,
                                                   (vm, xm, q.probe_keys[0]))

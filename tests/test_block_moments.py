@@ -29,7 +29,7 @@ def test_serial_theorem_deep_orthogonal_tanh_mlp():
                           "init": "orthogonal", "num_classes": None})
     x = 0.5 * jax.random.normal(jax.random.key(1), (2, 128))
     v = model.init(jax.random.key(2), x, train=False)
-    r = block_moments(model, v, x, key=KEY, num_probes=64)
+    r = block_moments(model, v, x, key=KEY, num_probes=64, train=False)
     assert r.names[0] == "input" and len(r.names) == 13
     phi = np.asarray(r.blocks.phi, np.float64)
     rel_se = np.asarray(r.blocks.phi_sem) / phi
@@ -39,7 +39,7 @@ def test_serial_theorem_deep_orthogonal_tanh_mlp():
     # freeness holds up to O(1/width) at finite width (derivations §3): allow 2% besides 4 SE
     assert abs(prod - float(r.end_to_end.phi)) <= 4 * se + 0.02 * prod, (prod, r.end_to_end.phi)
     # the exact per-block moments agree with the estimates
-    e = block_moments(model, v, x, key=KEY, method="exact")
+    e = block_moments(model, v, x, key=KEY, method="exact", train=False)
     z = np.abs(np.asarray(r.blocks.phi) - np.asarray(e.blocks.phi)) / np.maximum(
         np.asarray(r.blocks.phi_sem), 1e-6)
     assert np.all(z < 4.5), z
@@ -53,7 +53,7 @@ def test_residual_block_phi_is_one_plus_branch(scale):
                           "input_layer": False})
     x = jax.random.normal(jax.random.key(3), (1, 200))
     v = model.init(jax.random.key(4), x, train=False)
-    r = block_moments(model, v, x, key=KEY, method="exact", end_to_end=False)
+    r = block_moments(model, v, x, key=KEY, method="exact", end_to_end=False, train=False)
     res = [r.names[i] for i in r.branch_of]
     assert res == ["layer1", "layer2", "layer3"]
     phi_b = np.asarray(r.branch.phi)
@@ -94,7 +94,8 @@ def test_ensemble_equals_python_loop_over_the_same_keys():
                                    compiler_options=None)
     np.testing.assert_allclose(plain.blocks.phi, ens.blocks.phi, rtol=2e-5)
     with pytest.raises(TypeError, match="compiler_options"):
-        ensemble_block_moments(model, x, key=KEY, num_inits=4, compiler_options="fast")
+        ensemble_block_moments(model, x, key=KEY, num_inits=4, compiler_options="fast",
+                               train=False)
     s = ensemble_summary(ens.blocks)
     np.testing.assert_allclose(s["phi"]["mean"], np.mean(ens.blocks.phi, 0), rtol=1e-6)
     np.testing.assert_allclose(s["phi"]["median"], np.median(ens.blocks.phi, 0), rtol=1e-6)
@@ -204,19 +205,25 @@ def test_bad_input_names_expected_shape():
     x = jnp.ones((2, 8, 8, 3))
     v = model.init(KEY, x, train=False)
     with pytest.raises(ValueError, match=r"rejected the input `x` of shape \(2, 8, 3\)"):
-        block_moments(model, v, jnp.ones((2, 8, 3)), key=KEY)
+        block_moments(model, v, jnp.ones((2, 8, 3)), key=KEY, train=False)
     with pytest.raises(TypeError, match="does not expose blocks"):
-        block_moments(lambda z: z, v, x, key=KEY)
+        block_moments(lambda z: z, v, x, key=KEY, train=False)
     with pytest.raises(ValueError, match="num_inits"):
-        ensemble_block_moments(model, x, key=KEY, num_inits=0)
+        ensemble_block_moments(model, x, key=KEY, num_inits=0, train=False)
+    # the mode of batch-coupled layers is never chosen silently
+    with pytest.raises(TypeError, match="'train'"):
+        block_moments(model, v, x, key=KEY)
+    with pytest.raises(TypeError, match="'train'"):
+        ensemble_block_moments(model, x, key=KEY, num_inits=2)
 
 
 def test_ensemble_under_outer_jit_and_non_finite_input():
     model = create_model({"name": "mlp", "depth": 2, "width": 8, "num_classes": None})
     x = jnp.ones((2, 8))
-    f = jax.jit(lambda k: ensemble_block_moments(model, x, key=k, num_inits=2, num_probes=2))
+    f = jax.jit(lambda k: ensemble_block_moments(model, x, key=k, num_inits=2, num_probes=2,
+                                                train=False))
     r = f(KEY)
-    eager = ensemble_block_moments(model, x, key=KEY, num_inits=2, num_probes=2)
+    eager = ensemble_block_moments(model, x, key=KEY, num_inits=2, num_probes=2, train=False)
     np.testing.assert_allclose(r.blocks.phi, eager.blocks.phi, rtol=1e-6)
     with pytest.raises(FloatingPointError, match="non-finite Jacobian moments in block"):
-        ensemble_block_moments(model, x * jnp.nan, key=KEY, num_inits=2, num_probes=2)
+        ensemble_block_moments(model, x * jnp.nan, key=KEY, num_inits=2, num_probes=2, train=False)

@@ -253,9 +253,10 @@ ENTRY_POINTS = {
         jnp.ones((2, 6)), key=jax.random.key(s), num_probes=4),
     "block_moments": lambda s: block_moments(
         _tiny_model(), _tiny_init(jax.random.key(s)), jnp.ones((4, 6)),
-        key=jax.random.key(s), num_probes=4),
+        key=jax.random.key(s), num_probes=4, train=False),
     "ensemble_block_moments": lambda s: ensemble_block_moments(
-        _tiny_model(), jnp.ones((4, 6)), key=jax.random.key(s), num_inits=2, num_probes=4),
+        _tiny_model(), jnp.ones((4, 6)), key=jax.random.key(s), num_inits=2, num_probes=4,
+        train=False),
 }
 
 

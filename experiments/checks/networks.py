@@ -98,7 +98,7 @@ def serial_theorem(ctx: Context):
             kx, kv, kp = jax.random.split(k, 3)
             x = jax.random.normal(kx, (4, 512))
             v = model.init(kv, x)
-            bm = gne_jax.block_moments(model, v, x, key=kp, num_probes=32)
+            bm = gne_jax.block_moments(model, v, x, key=kp, num_probes=32, train=False)
             phi_b = np.asarray(bm.blocks.phi, np.float64)
             nv_b = np.asarray(bm.blocks.varphi, np.float64) / phi_b**2
             e = bm.end_to_end
@@ -215,7 +215,7 @@ def depth_aware_selu(ctx: Context):
         x = jax.random.normal(kx, (16, 512))
         v = model.init(kv, x)
         fs = forward_stats(model, v, x)
-        bm = gne_jax.block_moments(model, v, x, key=kp, num_probes=16)
+        bm = gne_jax.block_moments(model, v, x, key=kp, num_probes=16, train=False)
         q10.append(float(fs.alpha_out[9]))
         blk.append(float(np.mean(np.asarray(bm.blocks.phi))))
         e2e.append(f(bm.end_to_end.phi))

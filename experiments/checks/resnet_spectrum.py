@@ -60,7 +60,8 @@ def _measure(size: str, seed: int):
             kx, kv, kp = jax.random.split(k, 3)
             x = jax.random.normal(kx, (1, N))
             v = model.init(kv, x)
-            bm = gne_jax.block_moments(model, v, x, key=kp, num_probes=NUM_PROBES)
+            bm = gne_jax.block_moments(model, v, x, key=kp, num_probes=NUM_PROBES,
+                                       train=False)
             fs = forward_stats(model, v, x)
             J = jax.jacfwd(lambda z, v=v: model.apply(v, z[None])[0])(x[0])
             ev = np.linalg.eigvalsh(np.asarray(J @ J.T, np.float64))

@@ -256,7 +256,7 @@ def block_moments(
     x: PyTree,
     *,
     key: jax.Array,
-    train: bool = False,
+    train: bool,
     num_probes: int = 32,
     method: str = "hutchinson",
     dist: str = "rademacher",
@@ -267,9 +267,10 @@ def block_moments(
     """φ, φ₂, ϕ (with SEs) of every block of ``model`` at ``variables``, and end to end.
 
     For each block j exposed by ``model.blocks`` (derivations §2): φ_j = Tr(J_jJ_jᵀ)/m_j,
-    ϕ_j = φ₂ − φ_j², as in ``groups_moments``. ``train`` selects the mode explicitly:
+    ϕ_j = φ₂ − φ_j², as in ``groups_moments``. ``train`` (required) selects the mode:
     ``True`` measures batch-coupled layers with batch statistics (the whole batch ``x``
-    is one input, derivations §1.4); ``False`` with running statistics. The other options
+    is one input, derivations §1.4); ``False`` with running statistics (at init an
+    almost-identity map, so a batch-norm network looks isometric). The other options
     are those of ``groups_moments``.
 
     Called eagerly it runs one program per (model configuration, options, shapes):

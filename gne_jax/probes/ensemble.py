@@ -86,7 +86,7 @@ def ensemble_block_moments(
     *,
     key: jax.Array,
     num_inits: int,
-    train: bool = False,
+    train: bool,
     init_chunk: int | None | str = "auto",
     mesh: Mesh | None | str = "auto",
     compiler_options: dict | None | str = "auto",
@@ -187,7 +187,7 @@ def _abstract_init_size(model, treedef, leaves) -> tuple[int, bool]:
     return sum(math.prod(a.shape) for a in leaves), any(a.ndim >= 4 for a in leaves)
 
 
-def plan_ensemble(model, x, *, key, num_inits, train=False, init_chunk="auto", mesh="auto",
+def plan_ensemble(model, x, *, key, num_inits, train, init_chunk="auto", mesh="auto",
                   compiler_options="auto", num_probes=32, method="hutchinson",
                   dist="rademacher", probe_chunk=None, block_chunk=None,
                   end_to_end=True) -> EnsemblePlan:

@@ -65,7 +65,7 @@ def run_sweep(
     create_model: Callable | None = None,
     progress: Callable[[Iterable, int, str], Iterable] | None = None,
     max_compile_threads: int = 8,
-    train: bool = False,
+    train: bool,
     init_chunk: int | None | str = "auto",
     mesh: Any = "auto",
     compiler_options: dict | None | str = "auto",
