@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
 import warnings
 
 import jax
@@ -119,6 +121,19 @@ def check_input_tree(tree, argname: str) -> None:
         )
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_deprecated(message: str) -> None:
+    """A ``DeprecationWarning`` attributed to the caller's line that called into gne_jax,
+    however deep inside the package it is raised (Python's default filters show a
+    DeprecationWarning only when that line is in ``__main__``: a script, a notebook)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, DeprecationWarning, stacklevel=level)
+
+
 def renamed_argument(new_value, old_value, *, new: str, old: str, default):
     """Resolves a renamed keyword: the old name still works, with a ``DeprecationWarning``.
 
@@ -129,8 +144,7 @@ def renamed_argument(new_value, old_value, *, new: str, old: str, default):
         return default if new_value is None else new_value
     if new_value is not None:
         raise TypeError(f"pass `{new}` only (`{old}` is its deprecated former name), not both.")
-    warnings.warn(f"`{old}` is deprecated and will be removed in the next release; use `{new}`.",
-                  DeprecationWarning, stacklevel=3)
+    warn_deprecated(f"`{old}` is deprecated and will be removed in the next release; use `{new}`.")
     return old_value
 
 
@@ -142,10 +156,9 @@ def legacy_key(like, legacy, key, *, like_name: str = "like"):
     if legacy is not None:
         if key is not None:
             raise TypeError(f"pass `key` by keyword only: f(..., {like_name}, key=key).")
-        warnings.warn(
+        warn_deprecated(
             f"passing `key` positionally before `{like_name}` is deprecated and will be removed "
-            f"in the next release; call f(..., {like_name}, key=key).", DeprecationWarning,
-            stacklevel=3)
+            f"in the next release; call f(..., {like_name}, key=key).")
         like, key = legacy, like
     check_operator_space(like, like_name)
     return like, key

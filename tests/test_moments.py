@@ -413,6 +413,15 @@ def test_old_names_work_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="key"):
         b = gne_jax.hutchinson(6)(mv, key, like)
     np.testing.assert_allclose(a.value, b.value)
-    with pytest.warns(DeprecationWarning, match="num_probes"):
+    with pytest.warns(DeprecationWarning, match="num_probes") as record:
         t = gne_jax.hessian_trace(lambda p: jnp.sum(p**2), like, key=key, num_matvecs=4)
     assert t.num_matvecs == 4
+    # each warning points at the caller's line, however deep in the package it is raised
+    # (Python's default filters show it only when that line is in __main__)
+    with pytest.warns(DeprecationWarning) as more:
+        gne_jax.hessian_group_traces(lambda p: jnp.sum(p["w"] ** 2), {"w": like}, key=key,
+                                     num_matvecs=4)
+        gne_jax.curvature.trace(mv, like, key=key, chunk_size=2, num_probes=4)
+        gne_jax.log_norms(jnp.tanh, like, key=key, dist="gaussian", num_probes=2)
+    assert [w.filename for w in (*record, *more)] == [__file__] * (1 + len(more)), [
+        (w.filename, w.lineno) for w in (*record, *more)]

@@ -21,7 +21,6 @@ it over initializations.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +37,7 @@ from gne_jax._validate import (
     check_input_tree,
     check_key,
     check_positive_int,
+    warn_deprecated,
 )
 from gne_jax.probes import compiled
 from gne_jax.probes.moments import _all_finite, raise_non_finite
@@ -121,9 +121,8 @@ def _measure(fn, x, key, probes, *, num_probes, direction, dist):
 
 def _probe_distribution(dist: str) -> str:
     if dist == "gaussian":  # the name of the first release
-        warnings.warn("log_norms(dist='gaussian') is now dist='normal', the name every "
-                      "estimator uses; 'gaussian' will be removed in the next release.",
-                      DeprecationWarning, stacklevel=3)
+        warn_deprecated("log_norms(dist='gaussian') is now dist='normal', the name every "
+                        "estimator uses; 'gaussian' will be removed in the next release.")
         return "normal"
     return check_choice(dist, "dist", PROBE_DISTRIBUTIONS)
 
