@@ -291,7 +291,7 @@ def conv_gaussian(
     modelled exactly for φ (each output position keeps its fraction f of valid taps,
     φ_pos = fan_in·σ²·f). ϕ ≈ E[φ_pos²]·c_out/(c_in·stride²) + Var(φ_pos) (the
     Marchenko–Pastur-like spread with the size ratio, derivations §8, plus the spread of
-    row norms across positions; strided convolutions are not checked in theory.md).
+    row norms across positions; strided convolutions are not covered by the derivations).
     ``centred`` (zero-mean filters, `CenteredConv`): fan_in → fan_in − 1 and the
     common input mean is removed.
     """
@@ -321,7 +321,7 @@ def conv_orthogonal_flat(c_in: int, c_out: int, kernel_size=3, *, gain=1.0, stri
     """Conv whose flattened kernel (c_out × c_in·k²) has orthonormal rows × gain.
 
     φ = gain² in the interior (borders as in `conv_gaussian`); ϕ > 0 in general
-    (overlapping shifted filters) is not given by theory.md and is approximated by
+    (overlapping shifted filters) is not derived (derivations §8) and is approximated by
     the spread of φ across positions only. Delta-orthogonal kernels give ϕ = 0.
     """
     c_in, c_out = _check_int("c_in", c_in), _check_int("c_out", c_out)

@@ -6,7 +6,7 @@ walks the tree once, propagating the input second moment q forward (the
 q-map), so that each smooth activation is evaluated at the q it actually sees,
 and returns a `Prediction` tree with φ(JJᵀ) and ϕ(JJᵀ) for every node.
 
-Rules (all [derived] in theory.md, free / R-diagonal factors assumed):
+Rules (derivations §3–§4, free / R-diagonal factors assumed):
 
 * serial, J = J₂J₁ with sizes m₀ → m₁ → m₂:
   φ = φ₁φ₂ and ϕ = (m₂/m₁)·ϕ₁φ₂² + φ₁²ϕ₂, i.e. normalized variances add with the
