@@ -6,6 +6,7 @@ import datetime
 import math
 import os
 import shutil
+import tempfile
 
 from experiments.registry import DEVIATION, ERROR, FAIL, NOT_IMPLEMENTED, PASS, overall
 
@@ -20,8 +21,9 @@ SCOPE = {
         "with `--size paper`. The GNE paper's `selu_grad` and `res_grad` figures are drawn "
         "by G14 as figures only (no verdict row).",
         "Meterez Fig. 3/5 (M3, M5) run to depth 200, not 1000.",
-        "Wall times were measured on a 2-core VM shared with other jobs (its load average "
-        "at the end of the run is in the header): they are pessimistic.",
+        "Wall times were measured on the machine in the header (its CPU count, JAX backend "
+        "and load average at the end of the run are there): on a loaded machine they are "
+        "pessimistic.",
     ),
     "paper": (
         "The papers' CIFAR-10 batches are replaced by Gaussian batches of the same shape "
@@ -62,10 +64,15 @@ def _esc(s: str) -> str:
 
 
 def write_report(path, rows, times, ids, *, size, out, total_s, seed, papers, describe,
-                 command=None):
-    """Writes the report to ``path``; PNGs of the run are copied to ``<dir(path)>/figures``
-    and linked."""
+                 command=None, other_ids=()):
+    """Writes the report of this run's checks (``ids``, ``rows``) to ``path``; PNGs of the
+    run are copied to ``<dir(path)>/figures`` and linked. ``other_ids``: ids whose rows
+    ``<out>/summary.csv`` keeps from earlier runs (named in the header, not reported)."""
+    import jax
+
     from experiments.cli import machine
+
+    dev = jax.devices()[0]
 
     base = os.path.dirname(os.path.abspath(path))
     fig_dir = os.path.join(base, "figures")
@@ -100,10 +107,14 @@ def write_report(path, rows, times, ids, *, size, out, total_s, seed, papers, de
         f"- size: `{size}`, seed {seed}",
         "- load average at the end of the run (1, 5, 15 min): "
         + ", ".join(f"{x:.1f}" for x in os.getloadavg()),
-        f"- total wall time: {total_s:.0f} s ({total_s / 60:.1f} min)"
-        + (" on a 2-core VM shared with other jobs (load average above)" if size == "small"
-           else ""),
+        f"- total wall time: {total_s:.0f} s ({total_s / 60:.1f} min) on {os.cpu_count()} "
+        f"CPU cores, JAX backend {dev.platform} (load average above)",
         f"- checks: {len(ids)}; " + ", ".join(f"{v}: {n}" for v, n in counts.items() if n),
+    ]
+    if other_ids:
+        lines.append(f"- this report covers this run's checks only; `{out}/summary.csv` also "
+                     "keeps earlier runs' rows of " + ", ".join(other_ids))
+    lines += [
         "",
         "Verdicts: **pass**; **fail** (outside the tolerance fixed before the run); "
         "**deviation** (outside it for the documented reason in the note); "
@@ -145,6 +156,14 @@ def write_report(path, rows, times, ids, *, size, out, total_s, seed, papers, de
         lines.append(f"- **{r.id}** {_esc(r.quantity)}: {r.verdict}; predicted "
                      f"{_num(r.predicted)}, measured {_measured(r)} ({_dev(r)}; tolerance "
                      f"{_esc(r.tolerance)}). {_esc(r.note)}")
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    # a temporary file renamed over ``path``: a failed write leaves the old report whole
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".md", dir=base)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path

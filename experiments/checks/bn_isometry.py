@@ -112,8 +112,9 @@ def theorem3(ctx: Context):
             _haar(kw, draws, d)), np.float64)
         m, se = mean_se(ratios)
         bound = float(bi.theorem3_factor(X) * bi.isometry(X))
+        isometry_X = float(bi.isometry(X))  # in float64, like the bound
     ctx.write_csv([record("E_W isometry(BN(WX))", m, se, bound, d=d, n_inits=draws,
-                          num_probes=0, isometry_X=float(bi.isometry(X)))])
+                          num_probes=0, isometry_X=isometry_X)])
     r = judge("M2", METEREZ, "E_W 𝓘(BN(WX)) vs Theorem 3 lower bound", bound, m, se,
               tolerance="measured − 3 SE ≥ bound")
     return [r._replace(verdict=PASS if m - 3 * se >= bound else FAIL)]
