@@ -1,11 +1,14 @@
 """Command-line helpers shared by the two CLIs (light: no JAX, no training imports).
 
-``unknown_override(sys.argv)`` names the first ``--config.<field>`` override that the
-config file does not have, with the valid fields and the closest match, before
-``ml_collections`` would fail on it with a bare ``AttributeError`` traceback. Call it
-before ``app.run(main)``::
+``config_error(sys.argv)`` says in one line what is wrong with ``--config`` before
+``absl``/``ml_collections`` would: a config file that is missing, is not Python, has no
+``get_config``, or whose ``get_config(arg)`` refuses its argument (``ml_collections``
+defers these to a chained ``OSError`` traceback on first use, or a multi-line ``FATAL``
+block), then the first ``--config.<field>`` override that the config does not have, with
+the valid fields and the closest match (``ml_collections`` fails on it with a bare
+``AttributeError`` traceback). Call it before ``app.run(main)``::
 
-    message = unknown_override(sys.argv)
+    message = config_error(sys.argv)
     if message is not None:
         raise SystemExit(f"error: {message}")
 """
@@ -13,6 +16,7 @@ before ``app.run(main)``::
 from __future__ import annotations
 
 import difflib
+import os
 
 
 def _config_arg(argv: list[str], name: str = "config") -> str | None:
@@ -24,25 +28,82 @@ def _config_arg(argv: list[str], name: str = "config") -> str | None:
     return None
 
 
-def unknown_override(argv: list[str], name: str = "config") -> str | None:
-    """A message naming the first ``--config.<field>`` override the config file lacks.
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
-    ``ml_collections`` raises a bare ``AttributeError`` while parsing such a flag; this
-    loads the config file alone and walks every override's dotted path instead.
+
+def load_config_file(spec: str, name: str = "config"):
+    """``(config, None)`` from ``--<name>=<file>[:<arg>]``, or ``(None, message)`` naming
+    the flag, the file and what is wrong, in one line.
+
+    Reads the file as ``ml_collections.config_flags`` does: relative to the working
+    directory, the argument after the first ``:`` passed to ``get_config``.
     """
-    from gne_jax.training.config import from_file  # noqa: PLC0415
+    import importlib.machinery  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
 
+    path, *rest = spec.split(":", 1)
+    arg = rest[0] if rest else None
+    where = f"--{name}: {path}"
+    if not path:
+        return None, f"--{name}: empty path; expected a config file, e.g. configs/<name>.py"
+    if os.path.isdir(path):
+        return None, f"{where}: is a directory; expected a config file (.py)"
+    if not os.path.isfile(path):
+        return None, f"{where}: no such file; expected a config file (.py)"
+    module_name = "_gne_cli_config_" + os.path.splitext(os.path.basename(path))[0]
+    try:
+        loader = importlib.machinery.SourceFileLoader(module_name, path)
+        module = importlib.util.module_from_spec(
+            importlib.util.spec_from_file_location(module_name, path, loader=loader))
+        loader.exec_module(module)
+    except SyntaxError as e:
+        return None, f"{where}: syntax error at line {e.lineno}: {e.msg}"
+    except Exception as e:  # noqa: BLE001  (anything the file raises while it is imported)
+        return None, f"{where}: cannot be loaded: {type(e).__name__}: {_one_line(e)}"
+    if not callable(getattr(module, "get_config", None)):
+        return None, f"{where}: defines no get_config(); a config file must define one"
+    call = "get_config()" if arg is None else f"get_config({arg!r})"
+    if arg is not None:
+        import inspect  # noqa: PLC0415
+
+        try:
+            inspect.signature(module.get_config).bind(arg)
+        except TypeError:
+            return None, (f"{where}: get_config() takes no argument, but ':{arg}' gives one; "
+                          f"use --{name}={path}")
+        except ValueError:  # no signature to check: let the call tell
+            pass
+    try:
+        config = module.get_config() if arg is None else module.get_config(arg)
+    except ValueError as e:  # the config's own message for a bad argument
+        return None, f"{where}: {_one_line(e)}"
+    except Exception as e:  # noqa: BLE001
+        return None, f"{where}: {call} failed: {type(e).__name__}: {_one_line(e)}"
+    if config is None:
+        return None, f"{where}: {call} returned None; expected a ConfigDict"
+    return config, None
+
+
+def config_error(argv: list[str], name: str = "config") -> str | None:
+    """A one-line message for a config file that cannot be loaded, or for the first
+    ``--<name>.<field>`` override that the loaded config lacks; None when all is well
+    (also when ``--<name>`` is absent: absl reports the missing required flag)."""
     spec = _config_arg(argv, name)
     if spec is None:
         return None
-    path, arg = spec, None
-    if ".py:" in spec:
-        path, arg = spec.split(".py:", 1)
-        path += ".py"
-    try:
-        config = from_file(path, arg)
-    except Exception:  # noqa: BLE001  (app.run reports problems of the file itself)
-        return None
+    config, message = load_config_file(spec, name)
+    if message is not None:
+        return message
+    return _unknown_field(argv, config, name)
+
+
+def unknown_override(argv: list[str], name: str = "config") -> str | None:
+    """Same as :func:`config_error` (kept under its earlier name)."""
+    return config_error(argv, name)
+
+
+def _unknown_field(argv: list[str], config, name: str) -> str | None:
     for a in argv:
         if not a.startswith(f"--{name}."):
             continue

@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gne_jax._cache import enable_compilation_cache
-from gne_jax._cli import unknown_override
+from gne_jax._cli import config_error
 from gne_jax.probes.job import format_table, run_probe, swept_fields
 
 
@@ -59,7 +59,7 @@ def main(argv):
 
 def run():
     """Console-script entry point (``gne-probe``)."""
-    message = unknown_override(sys.argv)
+    message = config_error(sys.argv)
     if message is not None:
         raise SystemExit(f"error: {message}")
     define_flags()

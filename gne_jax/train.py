@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from gne_jax._cache import enable_compilation_cache
-from gne_jax._cli import unknown_override
+from gne_jax._cli import config_error
 from gne_jax.training import input_pipeline
 from gne_jax.training.checkpoint import NonFiniteError
 from gne_jax.training.train import train_and_evaluate
@@ -62,7 +62,7 @@ def main(argv):
 def run():
     """Console-script entry point (``gne-train``)."""
     define_flags()
-    message = unknown_override(sys.argv)
+    message = config_error(sys.argv)
     if message is not None:
         raise SystemExit(f"error: {message}")
     app.run(main)

@@ -150,3 +150,87 @@ def test_bdi_verdict_judges_body_blocks_from_the_input_side():
     assert bdi_verdict(bad) == "breaks at b2 (phi 2)"
     spread = [row(1, "b1", 1.0, varphi=3.0), row(2, "b2", 5.0)]
     assert bdi_verdict(spread) == "breaks at b1 (varphi 3)"
+
+
+def test_input_shape_entries_are_checked_before_any_work(tmp_path):
+    for shape, entry in [((-2, 8, 8, 3), "entry 0 is -2"), ((2, -8, 8, 3), "entry 1 is -8"),
+                         ((2, 8, 0, 3), "entry 2 is 0"), ((2, 8.5, 8, 3), "entry 1 is 8.5")]:
+        c = load_config("smoke")
+        c.input_shape = shape
+        with pytest.raises(ValueError, match=rf"^input_shape=.*: {entry}; expected positive"):
+            run_probe(c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def _fake_sweep(monkeypatch):
+    """run_probe without compiling: one variant of two blocks (what a sweep returns)."""
+    from types import SimpleNamespace
+
+    from gne_jax.probes import job
+
+    def rows(result):
+        return [{"index": i, "block": f"b{i}", "kind": "block", "phi_median": 1.0,
+                 "varphi_mean": 0.1, "varphi_pooled": 0.1} for i in range(2)]
+
+    monkeypatch.setattr(job, "run_sweep", lambda *a, **k: [
+        SimpleNamespace(label="v", config={"name": "serial_cnn"}, result=None)])
+    monkeypatch.setattr(job, "result_rows", rows)
+    return job
+
+
+def test_interrupted_or_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):
+    job = _fake_sweep(monkeypatch)
+    plot = job.plot_results
+
+    def interrupted_plot(*a, **k):
+        raise KeyboardInterrupt
+
+    # A workdir the run created (with its parent) is removed again.
+    monkeypatch.setattr(job, "plot_results", interrupted_plot)
+    with pytest.raises(KeyboardInterrupt):
+        run_probe(load_config("smoke"), str(tmp_path / "new" / "w"))
+    assert not (tmp_path / "new").exists()
+    # A workdir that existed stays, without a partial run in it.
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run_probe(load_config("smoke"), str(tmp_path / "mine"))
+    assert list((tmp_path / "mine").iterdir()) == []
+    # A complete first run, then an interrupted second: no run-2, the first run intact.
+    monkeypatch.setattr(job, "plot_results", plot)
+    root = tmp_path / "w"
+    run_probe(load_config("smoke"), str(root))
+    first = {p.name: p.read_bytes() for p in root.iterdir()}
+    assert set(first) == {"results.csv", "results.json", "phi_per_block.png"}
+    monkeypatch.setattr(job, "plot_results", interrupted_plot)
+    with pytest.raises(KeyboardInterrupt):
+        run_probe(load_config("smoke"), str(root))
+    monkeypatch.setattr(job, "write_results", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        run_probe(load_config("smoke"), str(root))
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == first
+    # The same command, uninterrupted, writes a complete run-2.
+    monkeypatch.undo()
+    job = _fake_sweep(monkeypatch)
+    run_probe(load_config("smoke"), str(root))
+    assert sorted(p.name for p in (root / "run-2").iterdir()) == [
+        "phi_per_block.png", "results.csv", "results.json"]
+    assert sorted(p.name for p in root.iterdir()) == sorted([*first, "run-2"])
+
+
+def test_command_line_reports_a_bad_config_file_in_one_line(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GNE_JAX_CACHE_DIR": str(tmp_path / "cache")}
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    cases = [("configs/probe/nope.py", "error: --config: configs/probe/nope.py: no such file"),
+             (str(tmp_path / "syntax.py"), "syntax.py: syntax error at line 1"),
+             (str(tmp_path / "empty.py"), "empty.py: defines no get_config()"),
+             ("configs/probe/smoke.py:x", "get_config() takes no argument, but ':x' gives one")]
+    for config, message in cases:
+        bad = subprocess.run(
+            [sys.executable, "-m", "gne_jax.probe", "--config", config,
+             "--workdir", str(tmp_path / "w"), "--config.num_inits=1"],
+            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert bad.returncode == 1, bad.stderr[-2000:]
+        assert bad.stderr.strip().splitlines() == [bad.stderr.strip()], bad.stderr[-2000:]
+        assert message in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "w").exists()

@@ -220,7 +220,7 @@ _CLI = textwrap.dedent("""
     for extra in {cases!r}:
         argv = ["gne-train", "--config=configs/train/synthetic_smoke.py",
                 "--workdir={workdir}", *extra]
-        message = cli.unknown_override(argv)
+        message = cli.config_error(argv)
         if message is None:
             flags.FLAGS.unparse_flags()
             sys.argv = argv  # ml_collections reads the overrides from sys.argv
@@ -422,3 +422,22 @@ def test_truncate_drops_later_rows_from_every_log(keep_row, tmp_path):
     assert sorted({step for _, step in _tensorboard_scalars(w)}) == kept
     assert not [n for d in (w, os.path.join(w, "tensorboard")) for n in os.listdir(d)
                 if n.endswith(".tmp")]
+
+
+def test_command_line_reports_a_bad_config_file_in_one_line(tmp_path):
+    """A missing file, a file that is not Python and an unknown config argument: one line
+    naming --config and the file, exit status 1, no traceback, no workdir."""
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    cases = [("configs/train/nope.py", "error: --config: configs/train/nope.py: no such file"),
+             (str(tmp_path / "syntax.py"), "syntax.py: syntax error at line 1"),
+             ("configs/train/cifar10_resnet56_smoke.py:foo",
+              "error: --config: configs/train/cifar10_resnet56_smoke.py: cifar10_resnet56 run "
+              "'foo' is unknown; use e.g. bn")]
+    for config, message in cases:
+        bad = subprocess.run([sys.executable, "-m", "gne_jax.train", f"--config={config}",
+                              f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True,
+                             cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+        assert bad.returncode == 1, bad.stderr[-2000:]
+        assert bad.stderr.strip().splitlines() == [bad.stderr.strip()], bad.stderr[-2000:]
+        assert message in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "w").exists()

@@ -90,3 +90,58 @@ def test_small_imagenet_group_is_the_cpu_resnet50_on_an_npz(tmp_path):
     kernels = [a for a in jax.tree.leaves(v["params"]) if a.ndim == 4]
     assert len(kernels) == 1 + 4 * 3 + 4  # stem, 3 convs per block, 4 projection shortcuts
     assert jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x).shape == (2, 10)
+
+
+def _main(argv, capsys):
+    """``python -m training_runs`` in process: (exit status, stdout, stderr)."""
+    import pytest
+
+    from training_runs.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        sys.exit(main(argv))
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_bad_run_arguments_are_one_line_errors_before_anything_is_created(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    for args, message in [
+            (["--only", "XX"], "error: argument --only: 'XX' is not a run of group "
+                               "'normalization'; expected labels among ['BN', 'SMN'"),
+            (["--repeats", "0"], "error: argument --repeats: expected a positive integer, "
+                                 "got '0'"),
+            (["--repeats", "-2"], "error: argument --repeats: expected a positive integer, "
+                                  "got '-2'"),
+            (["--dataset", "/nope.npz"], "error: argument --dataset: '/nope.npz' does not exist"),
+            (["--dataset", str(tmp_path)], "error: normalization | BN: config.dataset.path=")]:
+        code, stdout, stderr = _main(["run", "normalization", "--out", out, *args], capsys)
+        assert code == 2, (args, stderr)
+        assert stderr.startswith(message) and stderr.count("\n") == 1, (args, stderr)
+        assert not os.path.exists(out), args
+
+
+def test_a_failed_training_run_exits_nonzero_after_the_others(tmp_path, capsys, monkeypatch):
+    from gne_jax.training import train
+
+    done = []
+
+    def fake_train(config, workdir):
+        if "smn" in workdir:
+            raise FloatingPointError("diverged")
+        if not os.path.exists(workdir):
+            _fake_run(workdir, [0.5] * 12, [1.0] * 12, np.ones((2, 3)))
+        done.append(workdir)
+        return train.TrainResult(None, [{"eval_accuracy": 0.5}])
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    out = str(tmp_path / "out")
+    code, stdout, stderr = _main(["run", "normalization", "--out", out, "--only", "BN", "SMN",
+                                  "--repeats", "1"], capsys)
+    assert code == 1, stderr
+    assert len(done) == 1 and "normalization | SMN | seed 0: FAILED FloatingPointError" in stdout
+    assert "accuracy:" in stdout  # the runs that worked are still aggregated
+    assert stderr.startswith("error: 1 training run(s) of 'normalization' failed:\n")
+    code, stdout, stderr = _main(["run", "normalization", "--out", out, "--only", "BN",
+                                  "--repeats", "1"], capsys)
+    assert code == 0 and stderr == ""

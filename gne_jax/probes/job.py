@@ -8,15 +8,20 @@ Writes into the workdir ``results.csv`` (one row per variant × block, branch an
 to end), ``results.json`` (the config and the same rows) and PNG plots (φ and ϕ per
 block; φ and ϕ against depth when the sweep has a ``depth`` axis). A workdir that
 already holds results is never overwritten: the new run goes to ``<workdir>/run-N``.
+The files are written into a hidden temporary folder and moved into place only once all
+are written, so a run that fails or is interrupted (Ctrl-C) leaves nothing behind: no
+partial ``run-N``, and no workdir that the run itself created.
 ``run_probe(config, workdir)`` does the same from a notebook.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,13 +61,28 @@ def check_config(config: Mapping) -> None:
         valid = "\n".join(f"  {k}: {v}" for k, v in CONFIG_KEYS.items())
         what = f"unknown key(s) {unknown}" if unknown else f"missing key(s) {missing}"
         raise ValueError(f"probe config has {what}. Valid keys:\n{valid}")
+    check_input_shape(config["input_shape"])
+
+
+def check_input_shape(shape) -> None:
+    """Raises a ValueError naming ``input_shape`` and its bad entry unless it is a sequence
+    of positive integers (a negative one would otherwise fail deep inside XLA)."""
+    example = "expected positive integers, batch first, e.g. (8, 32, 32, 3)"
+    if isinstance(shape, str | bytes) or not hasattr(shape, "__len__"):
+        raise ValueError(f"input_shape={shape!r} is not a sequence; {example}")
+    if len(shape) == 0:
+        raise ValueError(f"input_shape={tuple(shape)!r} is empty; {example}")
+    for i, d in enumerate(shape):
+        if isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 1:
+            raise ValueError(f"input_shape={tuple(shape)!r}: entry {i} is {d!r}; {example}")
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> Path:
     """``workdir``, created if needed and checked writable before any work starts.
 
-    Nothing else is created here: the run's own directory is made when its results are
-    written (``results_dir``), so a run that fails leaves no empty ``run-N`` behind.
+    Nothing else is created here: a run writes into a hidden temporary folder that
+    ``publish_run`` moves into place only once every file is written, so a run that fails
+    leaves no partial ``run-N`` behind.
     """
     root = Path(workdir)
     try:
@@ -74,19 +94,75 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
     return root
 
 
-def results_dir(root: Path) -> Path:
-    """Where a finished run writes: ``root``, or the first free ``root/run-N`` (N >= 2)
-    when ``root`` already holds results (created here)."""
-    if not any((root / f).exists() for f in RESULT_FILES):
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    out = []
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path.parent != path:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Removes the folders a failed run created (deepest first) while they are empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (someone else's files), or gone: leave it
+            return
+
+
+def _new_partial_dir(root: Path) -> Path:
+    """A fresh hidden folder in ``root`` for a run's files (mode as the umask gives, as
+    ``run-N`` gets it when renamed)."""
+    while True:
+        tmp = root / f".partial-run-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def holds_results(root: Path) -> bool:
+    return any((root / f).exists() for f in RESULT_FILES)
+
+
+def publish_run(tmp: Path, root: Path) -> Path:
+    """Moves the finished run in ``tmp`` into place and returns where it went: ``root``
+    itself while ``root`` holds no results, else the first free ``root/run-N`` (N >= 2),
+    into which ``tmp`` is renamed in one step. Interrupted, it leaves ``root`` as it was."""
+    if not holds_results(root):
+        # results.csv last: the run counts as present only once all its files are there.
+        files = sorted(tmp.iterdir(), key=lambda p: (p.name == "results.csv",
+                                                      p.name in RESULT_FILES, p.name))
+        moved = []
+        try:
+            for p in files:
+                os.replace(p, root / p.name)
+                moved.append(root / p.name)
+        except BaseException:
+            for p in moved:
+                p.unlink(missing_ok=True)
+            raise
+        tmp.rmdir()
         return root
     n = 2
     while True:
         out = root / f"run-{n}"
         try:
-            out.mkdir()
-            return out
+            out.mkdir()  # claims run-N against a concurrent run
         except FileExistsError:
             n += 1
+            continue
+        try:
+            os.replace(tmp, out)  # replaces the empty claimed folder atomically
+        except BaseException:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+            raise
+        return out
 
 
 def swept_fields(axes: Mapping) -> set[str]:
@@ -106,7 +182,15 @@ def run_probe(config: ml_collections.ConfigDict | Mapping, workdir: str) -> list
     config = ml_collections.ConfigDict(config) if not isinstance(
         config, ml_collections.ConfigDict) else config
     check_config(config)
-    root = prepare_workdir(workdir)
+    created = _missing_dirs(Path(workdir))
+    try:
+        return _run_probe(config, prepare_workdir(workdir))
+    except BaseException:  # KeyboardInterrupt too: leave no workdir the run made for nothing
+        _remove_empty(created)
+        raise
+
+
+def _run_probe(config: ml_collections.ConfigDict, root: Path) -> list[dict[str, Any]]:
     from gne_jax.models import create_model
 
     base = config.model.to_dict()
@@ -135,10 +219,16 @@ def run_probe(config: ml_collections.ConfigDict | Mapping, workdir: str) -> list
         for r in result_rows(p.result):
             rows.append({"variant": p.label, "model": p.config["name"],
                          **{c: p.config.get(c) for c in vcols}, **r})
-    out = results_dir(root)
-    write_results(out, config, rows)
-    if config.plot:
-        plot_results(out, rows, depth_axis="depth" in axes)
+    # Every file goes to a hidden temporary folder first, moved into place when complete.
+    tmp = _new_partial_dir(root)
+    try:
+        write_results(tmp, config, rows)
+        if config.plot:
+            plot_results(tmp, rows, depth_axis="depth" in axes)
+        out = publish_run(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info("wrote %s and plots to %s", ", ".join(RESULT_FILES), out)
     return rows
 
