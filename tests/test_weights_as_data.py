@@ -1090,3 +1090,132 @@ def test_static_pytrees_deep_sequentials_and_hessian_losses_are_not_traced(trace
         assert i < 2 or not (traced or shapes), (len(traced), len(shapes))
         exact = float(jnp.trace(jax.hessian(make_loss(v))(p0)))
         assert abs(float(est.value) - exact) <= 5 * float(est.sem) + 1e-4
+
+
+def test_sixth_review_sequences_are_read_now():
+    """From a sixth adversarial review: each probe equals the exact φ of what its function
+    computes now, at the third call (the first two: a trace and the check trace). A Flax
+    interceptor active at the call, a PRNG flag, a defaultdict's default factory, a
+    FrozenDict in a pytree's static data, subclasses of ndarray/deque (contents in C) or
+    of list with their own __iter__, and dict keys that compare equal but differ."""
+    import collections
+    import math
+
+    import flax.linen as nn
+    from flax import struct
+    from flax.core import FrozenDict
+
+    compiled.clear_programs()
+    x = jnp.linspace(-1.0, 1.0, 8)
+
+    def w(seed, scale=1.0):
+        return jnp.asarray(scale * np.random.default_rng(seed).standard_normal((8, 8)) / 3,
+                           jnp.float32)
+
+    def check(f):
+        np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5)
+
+    def third_call_differs(make, same, other):
+        for seed, arg in ((0, same), (1, same), (2, other)):
+            check(make(seed, arg))
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, z):
+            return jnp.tanh(nn.Dense(8)(z))
+
+    m = M()
+    vs = [m.init(jax.random.key(i), x) for i in range(3)]
+
+    def triple_dense(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        return 3.0 * out if isinstance(context.module, nn.Dense) else out
+
+    check(functools.partial(m.apply, vs[0]))
+    check(functools.partial(m.apply, vs[1]))
+    with nn.intercept_methods(triple_dense):
+        got = _phi(functools.partial(m.apply, vs[2]), x)
+        np.testing.assert_allclose(got, _exact_phi(functools.partial(m.apply, vs[2]), x),
+                                   rtol=1e-5)
+
+    def masked(seed, _):
+        v, k = w(seed), jax.random.key(0)
+        return lambda z: jnp.tanh(v @ z) * jax.random.uniform(k, (8,))
+
+    check(masked(0, None))
+    check(masked(1, None))
+    jax.config.update("jax_threefry_partitionable", not jax.config.jax_threefry_partitionable)
+    try:
+        check(masked(2, None))
+    finally:
+        jax.config.update("jax_threefry_partitionable",
+                          not jax.config.jax_threefry_partitionable)
+
+    def with_factory(seed, scale):
+        d = collections.defaultdict(lambda s=scale: s)  # the factory holds the scale
+        d["w"] = w(seed)
+        return lambda z: d.default_factory() * jnp.tanh(d["w"] @ z)
+
+    third_call_differs(with_factory, 1.0, 3.0)
+
+    @struct.dataclass
+    class Layer:
+        w: jax.Array
+        cfg: FrozenDict = struct.field(pytree_node=False)
+
+    def static_frozen(seed, s):
+        layer = Layer(w(seed), FrozenDict(s=s))
+        return lambda z: jnp.tanh(layer.w @ z + 0.3 * math.atan2(layer.cfg["s"], -1.0))
+
+    third_call_differs(static_frozen, 0.0, -0.0)
+
+    class Vec(np.ndarray):
+        pass
+
+    class Hist(collections.deque):
+        pass
+
+    class Hidden(list):  # its own __iter__ skips the last item, which the body reads
+        def __iter__(self):
+            return iter(list.__getitem__(self, slice(0, len(self) - 1)))
+
+    def ndarray_sub(seed, s):
+        v, a = w(seed), np.array([s], np.float32).view(Vec)
+        return lambda z: float(a[0]) * jnp.tanh(v @ z)
+
+    def deque_sub(seed, s):
+        v, h = w(seed), Hist([s])
+        return lambda z: h[0] * jnp.tanh(v @ z)
+
+    def list_sub(seed, s):
+        h = Hidden([w(seed), s])
+        return lambda z: h[-1] * jnp.tanh(h[0] @ z)
+
+    def float_key(seed, k):
+        d = {k: w(seed)}
+        return lambda z: sum(jnp.tanh(v @ z + 0.3 * math.atan2(kk, -1.0))
+                             for kk, v in d.items())
+
+    for make, same, other in ((ndarray_sub, 1.0, 3.0), (deque_sub, 1.0, 3.0),
+                              (list_sub, 1.0, 3.0), (float_key, 0.0, -0.0)):
+        third_call_differs(make, same, other)
+
+
+def test_a_jitted_apply_with_its_variables_is_read_without_tracing(traces):
+    """``functools.partial(jax.jit(model.apply), variables)`` (the form the docs suggest for
+    a jitted model) is read through the function it wraps: traced twice, then only read."""
+    import flax.linen as nn
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, z):
+            return jnp.tanh(nn.Dense(8)(jnp.tanh(nn.Dense(8)(z))))
+
+    traced = traces
+    x = jnp.linspace(-1.0, 1.0, 8)
+    m = M()
+    jitted = jax.jit(m.apply)
+    for i in range(4):
+        f = functools.partial(jitted, m.init(jax.random.key(i), x))
+        np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5)
+    assert len(traced) == 2, len(traced)

@@ -347,9 +347,9 @@ def _dict_orders(v) -> tuple | None:
         stack.append((node, True))
         if isinstance(node, dict):
             count += 1
-            keys = tuple(node)
-            if not _sorted_keys(keys):
-                found += ((count, keys),)
+            note = _keys_note(tuple(node))
+            if note is not None:
+                found += ((count, note),)
             children = node.values()
         else:
             children = node
@@ -357,11 +357,13 @@ def _dict_orders(v) -> tuple | None:
     return found
 
 
-def _sorted_keys(keys: tuple) -> bool:
-    try:
-        return list(keys) == sorted(keys)
-    except TypeError:  # keys of mixed types
-        return False
+def _keys_note(keys: tuple):
+    """What a treedef does not tell of a mapping's keys: their order when not sorted, and
+    their types and reprs when not all strings (``{0.0: w}`` and ``{-0.0: w}``, ``{1: w}``
+    and ``{True: w}`` make equal treedefs). None when the treedef tells it all."""
+    if all(type(k) is str for k in keys):
+        return None if list(keys) == sorted(keys) else keys
+    return tuple((type(k), repr(k)) for k in keys)
 
 
 def _aux_risks(v, out: list) -> None:
@@ -375,6 +377,9 @@ def _aux_risks(v, out: list) -> None:
     if isinstance(v, (tuple, frozenset)):
         for e in v:
             _aux_risks(e, out)
+        return
+    if isinstance(v, Mapping):  # a FrozenDict, a HashableMapping: its values and key order
+        out.append(v)
         return
     if isinstance(v, type):
         if not _is_library(v):
@@ -409,9 +414,9 @@ class _KeyOrders:
     def note(self, node) -> bool:
         if isinstance(node, Mapping):
             self.count += 1
-            keys = tuple(node)
-            if not _sorted_keys(keys):
-                self.found += ((self.count, keys),)
+            note = _keys_note(tuple(node))
+            if note is not None:
+                self.found += ((self.count, note),)
         return False
 
 
@@ -434,6 +439,8 @@ def _tree_parts(treedef) -> tuple[tuple[type, ...], list, bool]:
             if data[0] not in _CONTAINERS:
                 other = True
                 _aux_risks(data[1], risks)
+            elif data[0] is collections.defaultdict:  # (default_factory, keys)
+                _aux_risks(data[1][0], risks)
         stack.extend(t.children())
     return tuple(classes), risks, mapping and other
 
@@ -503,6 +510,16 @@ def _library_callable(v, depth: int = 6, seen: frozenset = frozenset()) -> bool:
     return _is_library(v)  # a jax object without a Python function inside
 
 
+def _jitted(v):
+    """The function a ``jax.jit`` wraps (``jax.jit(model.apply)``), else None. A jitted
+    closure's own arrays are constants of its inner program: such a trace is private, and
+    its description always traces (see ``hoist_fast``)."""
+    if type(v).__name__ != "PjitFunction" or type(v).__module__.partition(".")[0] not in (
+            "jax", "jaxlib"):
+        return None
+    return getattr(v, "__wrapped__", None)
+
+
 def _fixed_library_function(f, depth: int = 6, seen: frozenset = frozenset()) -> bool:
     """A library function whose result depends on its arguments only: one without a
     closure, or a decorator's wrapper whose closure holds only such functions (JAX-wrapped
@@ -554,6 +571,19 @@ def _linen_module(v) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(v, nn.Module)
+
+
+_DESCRIBED_BUILTINS = frozenset({object, bool, int, float, complex, str, bytes, dict, list,
+                                 tuple, set, frozenset})
+_PLAIN_BASICSIZE = type("_Plain", (), {}).__basicsize__  # a Python class with a __dict__
+
+
+@functools.lru_cache(maxsize=1024)
+def _native_storage(cls: type) -> bool:
+    """Whether a base of ``cls`` keeps state in C beyond attributes (``np.ndarray``,
+    ``collections.deque``, ``bytearray``), which ``instance`` does not read."""
+    return any(c not in _DESCRIBED_BUILTINS and _is_library(c)
+               and c.__basicsize__ > _PLAIN_BASICSIZE for c in cls.__mro__)
 
 
 def _frozen_object(v) -> bool:
@@ -639,6 +669,9 @@ class _Describer:
             return ("id", _Ref(v))  # C code (tuple.__new__, math.sqrt): no state of its own
         if _library_callable(v):
             return ("id", _Ref(v))  # jax's own wrapped functions (jnp.tanh, jax.nn.relu...)
+        wrapped = _jitted(v)
+        if wrapped is not None:  # jax.jit(apply) over the user's code: by what it wraps
+            return ("jit", self.callable(wrapped, arrays))
         if type(v) in (jax.custom_jvp, jax.custom_vjp):  # (a user subclass: an object)
             return self._enter(v, self._custom_derivative, arrays)  # its function and rules
         if _frozen_object(v) or _plain_object(v):
@@ -665,16 +698,19 @@ class _Describer:
             state = sorted(vars(v).items()) if hasattr(v, "__dict__") else []
             state += [(n, getattr(v, n)) for c in cls.__mro__
                       for n in getattr(c, "__slots__", ()) if hasattr(v, n)]
-        base = None  # a user subclass of a builtin: its value or contents too
+        base = None  # a user subclass of a builtin: its value or contents too, read through
+        # the builtin's own methods (a subclass may override __iter__ or values())
         if isinstance(v, (bool, int, float, complex, str, bytes)):
             builtin = next(b for b in cls.__mro__ if b in (bool, int, float, complex, str, bytes))
             base = ("base", builtin, builtin.__repr__(v))
         elif isinstance(v, dict):
-            base = ("items", self.value(dict(v), arrays))
-        elif isinstance(v, (list, tuple)):
-            base = ("items", self.value(list(v), arrays))
-        elif isinstance(v, (set, frozenset)):
-            raise _Fallback  # unordered: no stable description
+            base = ("items", self.value(dict(dict.items(v)), arrays))
+        elif isinstance(v, list):
+            base = ("items", self.value(list(list.__iter__(v)), arrays))
+        elif isinstance(v, tuple):
+            base = ("items", self.value(list(tuple.__iter__(v)), arrays))
+        elif isinstance(v, (set, frozenset)) or _native_storage(cls):
+            raise _Fallback  # unordered, or contents held in C (ndarray, deque): not read
         return ("obj", self.user_class(cls) if _has_user_class(cls) else _Ref(cls),
                 tuple((name, self.value(a, arrays)) for name, a in state), base)
 
@@ -754,7 +790,7 @@ class _Describer:
         if classes or risks:  # an NNX module's classes, a user's pytree class, a function
             return ("tree", treedef, tuple(described),  # or a list in static fields
                     tuple(self.user_class(c) for c in classes),
-                    tuple(self.value(r, False) if isinstance(r, (list, dict))
+                    tuple(self.value(r, False) if isinstance(r, (list, Mapping))
                           else self.leaf(r, False) for r in risks), orders)
         if orders:
             return ("tree", treedef, tuple(described), orders)
@@ -796,6 +832,9 @@ class _Describer:
         if isinstance(f, types.MethodType):
             return ("method", self.callable(f.__func__, arrays), self.value(f.__self__, arrays))
         if not isinstance(f, types.FunctionType):
+            wrapped = _jitted(f)
+            if wrapped is not None:  # a jitted function passed as fn
+                return ("jit", self.callable(wrapped, arrays))
             if _is_nnx_module(f):  # a pytree: its arrays, structure and classes describe it
                 return ("pytree call", self.value(f, arrays))
             if _frozen_object(f) or _plain_object(f):  # its class's __call__ and its state
@@ -889,8 +928,24 @@ _TRACE_CONFIG = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_ra
 
 
 def _trace_config() -> tuple:
-    """The JAX settings a trace depends on (x64, matmul precision, promotion rules)."""
-    return tuple(getattr(jax.config, name) for name in _TRACE_CONFIG)
+    """The JAX settings a trace depends on: those ``jax.jit`` keys its own cache on (x64,
+    matmul precision, promotion rules, the PRNG implementation and its flags...)."""
+    try:
+        from jax._src.config import trace_context
+    except ImportError:  # pragma: no cover - a JAX without it: the main ones
+        return tuple(getattr(jax.config, name) for name in _TRACE_CONFIG)
+    return trace_context()
+
+
+def _library_context_active() -> bool:
+    """Whether a library context that changes what a trace computes is active (Flax's
+    ``nn.intercept_methods``): its functions are read while tracing, not described."""
+    module = sys.modules.get("flax.linen.module")
+    stack = getattr(module, "_global_interceptor_stack", None)
+    try:
+        return bool(stack is not None and len(stack))
+    except TypeError:  # pragma: no cover - another Flax: be safe
+        return True
 
 
 def _const_order(leaves: list, consts: list) -> tuple[int, ...] | None:
@@ -914,6 +969,8 @@ def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
     traced at every call. Returns the same ``Structure`` as ``hoist``, so every form of
     one computation shares its program.
     """
+    if _library_context_active():
+        return hoist(fn, *example_args, argname=argname, inputs=inputs)
     describer = _Describer()
     try:
         spec = describer.callable(fn)
@@ -945,8 +1002,8 @@ def hoist_fast(fn: Callable, *example_args, argname: str | None = "fn",
         # the arrays of this first call, held weakly until a call with others checks
         # that the trace does not depend on their values
         first = tuple(weakref.ref(a) for a in leaves) if order is not None and leaves else None
-        with _LOCK:
-            _FAST[key] = (structure, order, first)
+        with _LOCK:  # (a private structure is not kept: its jaxpr holds arrays)
+            _FAST[key] = (None if structure.private else structure, order, first)
             while len(_FAST) > 4 * MAX_PROGRAMS:
                 _FAST.popitem(last=False)
     return structure, consts
@@ -992,7 +1049,9 @@ def program(impl: Callable, static: tuple, structures: tuple[Structure, ...],
     """The jitted ``(consts_list, *args) -> impl(*fns, *args, **dict(static))``, cached
     (except for a structure with private arrays: compiled for this call only, as a new
     ``jax.jit`` of the user's jitted closure would be, and not kept)."""
-    key = (impl, static, structures, _options_key(compiler_options))
+    # the trace settings too: a jaxpr that prints alike can lower differently (the PRNG
+    # flags), and a jitted program's own dispatch cache does not always tell them apart
+    key = (impl, static, structures, _options_key(compiler_options), _trace_config())
     with _LOCK:
         prog = _PROGRAMS.get(key)
         if prog is not None:
