@@ -326,43 +326,64 @@ _CONTAINERS = (dict, list, tuple, type(None), collections.OrderedDict, collectio
 
 
 def _dict_orders(v) -> tuple | None:
-    """The dicts of a nest of dicts, lists and tuples whose keys are not in sorted order,
-    as ``(index among its dicts, keys)`` (a treedef sorts a dict's keys, while ``.values()``
-    and ``.items()`` go in insertion order: the order of the layers a function loops over);
-    None when the nest reaches one of its own containers again (``jax.tree.flatten`` would
-    recurse without end)."""
-    if not isinstance(v, (dict, list, tuple)):
+    """The dicts of a nest of dicts, lists and tuples whose keys a treedef does not fully
+    tell (``_keys_note``), as ``(index among its dicts, note)``: a treedef sorts a dict's
+    keys, while ``.values()`` and ``.items()`` go in insertion order (the order of the
+    layers a function loops over). None when the nest reaches one of its own containers
+    again (``jax.tree.flatten`` would recurse without end)."""
+    if not isinstance(v, _WALKED) or not v:
         return ()
-    found: tuple = ()
-    count = 0
-    stack, active = [(v, False)], set()
-    while stack:
-        node, leaving = stack.pop()
-        if leaving:
-            active.discard(id(node))
-            continue
-        if id(node) in active:
-            return None
-        active.add(id(node))
-        stack.append((node, True))
-        if isinstance(node, dict):
-            count += 1
-            note = _keys_note(tuple(node))
-            if note is not None:
-                found += ((count, note),)
-            children = node.values()
-        else:
-            children = node
-        stack.extend((c, False) for c in children if isinstance(c, (dict, list, tuple)))
-    return found
+    found: list = []
+    try:
+        _walk_dicts(v, set(), found, 0)
+    except (_Cycle, RecursionError):
+        return None
+    return tuple(found)
+
+
+_WALKED = (dict, list, tuple)
+
+
+class _Cycle(Exception):
+    pass
+
+
+def _walk_dicts(node, active: set, found: list, count: int) -> int:
+    i = id(node)
+    if i in active:
+        raise _Cycle
+    active.add(i)
+    if isinstance(node, dict):
+        count += 1
+        note = _keys_note(tuple(node))
+        if note is not None:
+            found.append((count, note))
+        children = node.values()
+    else:
+        children = node
+    for c in children:
+        if isinstance(c, _WALKED):
+            count = _walk_dicts(c, active, found, count)
+    active.discard(i)
+    return count
+
+
+_STR_KEYS: dict = {}  # key tuples of strings -> their note (a tuple: (note,))
 
 
 def _keys_note(keys: tuple):
     """What a treedef does not tell of a mapping's keys: their order when not sorted, and
     their types and reprs when not all strings (``{0.0: w}`` and ``{-0.0: w}``, ``{1: w}``
     and ``{True: w}`` make equal treedefs). None when the treedef tells it all."""
+    hit = _STR_KEYS.get(keys)  # (only string tuples are stored: no float key matches one)
+    if hit is not None:
+        return hit[0]
     if all(type(k) is str for k in keys):
-        return None if list(keys) == sorted(keys) else keys
+        note = None if list(keys) == sorted(keys) else keys
+        if len(_STR_KEYS) > 4096:
+            _STR_KEYS.clear()
+        _STR_KEYS[keys] = (note,)
+        return note
     return tuple((type(k), repr(k)) for k in keys)
 
 
@@ -378,9 +399,6 @@ def _aux_risks(v, out: list) -> None:
         for e in v:
             _aux_risks(e, out)
         return
-    if isinstance(v, Mapping):  # a FrozenDict, a HashableMapping: its values and key order
-        out.append(v)
-        return
     if isinstance(v, type):
         if not _is_library(v):
             out.append(v)
@@ -394,8 +412,13 @@ def _aux_risks(v, out: list) -> None:
             isinstance(v, (jax.custom_jvp, jax.custom_vjp)) and not _library_callable(v)):
         out.append(v)
         return
+    if isinstance(v, Mapping):  # a library's immutable mapping (FrozenDict, HashableMapping)
+        for k, e in v.items():
+            _aux_risks(k, out)
+            _aux_risks(e, out)
+        return
     try:
-        hash(v)  # a library's immutable value (Flax's HashableMapping, jnp.tanh...)
+        hash(v)  # a library's immutable value (jnp.tanh...)
     except TypeError:
         out.append(v)
 
@@ -790,7 +813,7 @@ class _Describer:
         if classes or risks:  # an NNX module's classes, a user's pytree class, a function
             return ("tree", treedef, tuple(described),  # or a list in static fields
                     tuple(self.user_class(c) for c in classes),
-                    tuple(self.value(r, False) if isinstance(r, (list, Mapping))
+                    tuple(self.value(r, False) if isinstance(r, (list, dict))
                           else self.leaf(r, False) for r in risks), orders)
         if orders:
             return ("tree", treedef, tuple(described), orders)
