@@ -601,10 +601,10 @@ _DESCRIBED_BUILTINS = frozenset({object, bool, int, float, complex, str, bytes, 
 _PLAIN_BASICSIZE = type("_Plain", (), {}).__basicsize__  # a Python class with a __dict__
 
 
-@functools.lru_cache(maxsize=1024)
 def _native_storage(cls: type) -> bool:
     """Whether a base of ``cls`` keeps state in C beyond attributes (``np.ndarray``,
-    ``collections.deque``, ``bytearray``), which ``instance`` does not read."""
+    ``collections.deque``, ``bytearray``), which ``instance`` does not read. (Not cached:
+    a cache would keep the user's classes, and what they hold, alive.)"""
     return any(c not in _DESCRIBED_BUILTINS and _is_library(c)
                and c.__basicsize__ > _PLAIN_BASICSIZE for c in cls.__mro__)
 
