@@ -1219,3 +1219,61 @@ def test_a_jitted_apply_with_its_variables_is_read_without_tracing(traces):
         f = functools.partial(jitted, m.init(jax.random.key(i), x))
         np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5)
     assert len(traced) == 2, len(traced)
+
+
+def test_rules_and_callbacks_holding_arrays_or_objects_are_private():
+    """From a seventh review: a custom JVP rule given as ``partial(rule, array)``, a host
+    callback ``partial(np.multiply, array)`` over 2000 elements (the printed jaxpr
+    abbreviates it), a JAX array in such a partial (was a TypeError), and a Linen module's
+    rule that reads ``self`` (its variables were kept alive by the program cache): each
+    probe is its own function's exact φ and no weight outlives its call."""
+    import flax.linen as nn
+
+    compiled.clear_programs()
+    x = jnp.ones((4,))
+
+    def my_jvp(scale, primals, tangents):
+        (z,), (dz,) = primals, tangents
+        return z, scale * dz
+
+    for make_scale in (lambda s: np.full((4,), s, np.float32), lambda s: jnp.full((4,), s)):
+        for s in (1.0, 2.0, 3.0):
+            f = jax.custom_jvp(lambda z: z)
+            f.defjvp(functools.partial(my_jvp, make_scale(s)))
+            np.testing.assert_allclose(_phi(lambda z, f=f: f(z), x), s**2, rtol=1e-6)
+
+    n = 2000
+    xn = jnp.ones((n,))
+    for mid in (1.0, 1000.0):
+        wn = np.ones((n,), np.float32)
+        wn[n // 2] = mid
+        cb = functools.partial(np.multiply, wn)
+        fn = lambda z, cb=cb: z * jax.pure_callback(  # noqa: E731
+            cb, jax.ShapeDtypeStruct((n,), jnp.float32), jnp.ones(n, jnp.float32))
+        np.testing.assert_allclose(_phi(fn, xn), (n - 1 + mid**2) / n, rtol=1e-5)
+
+    class Block(nn.Module):
+        scale: float = 1.0
+
+        @nn.compact
+        def __call__(self, z):
+            @jax.custom_jvp
+            def act(h):
+                return jnp.tanh(h)
+
+            @act.defjvp
+            def act_jvp(p, t):
+                (h,), (dh,) = p, t
+                return jnp.tanh(h), self.scale * dh * (1 - jnp.tanh(h) ** 2)
+
+            return act(nn.Dense(4)(z))
+
+    m, refs = Block(), []
+    for i in range(3):
+        v = m.init(jax.random.key(i), x)
+        f = functools.partial(m.apply, v)
+        np.testing.assert_allclose(_phi(f, x), _exact_phi(f, x), rtol=1e-5)
+        refs.append(weakref.ref(v["params"]["Dense_0"]["kernel"]))
+        del v, f
+    gc.collect()
+    assert not any(r() is not None for r in refs)

@@ -121,18 +121,28 @@ class Structure:
         return fn
 
 
-def _rule_functions(obj, depth: int = 8) -> list:
+def _rule_functions(obj, depth: int = 8) -> tuple[list, bool]:
     """The user's functions reachable from a jaxpr parameter (a custom-derivative rule, a
-    host callback), through the library's wrappers around them."""
+    host callback), through the library's wrappers around them, and whether an array is
+    reachable outside them (a partial's argument: the printed jaxpr abbreviates it)."""
     seen: set[int] = set()
     found: list = []
+    arrays = False
 
     def walk(v, d):
+        nonlocal arrays
         if d < 0 or v is None or id(v) in seen or isinstance(
                 v, (bool, int, float, str, bytes, type, types.ModuleType)):
             return
         seen.add(id(v))
-        if isinstance(v, functools.partial):
+        if _jax_internal(v):
+            return  # a jaxpr (visited as such), a mesh or a sharding (its device array)
+        if isinstance(v, (np.ndarray, jax.Array)):
+            arrays = True
+        elif isinstance(v, functools.partial):
+            if isinstance(v.func, types.FunctionType) and not _is_library(v.func):
+                found.append(v)  # the user's rule with its bound arguments
+                return
             for e in (v.func, *v.args, *v.keywords.values()):
                 walk(e, d - 1)
         elif isinstance(v, types.FunctionType):
@@ -161,11 +171,22 @@ def _rule_functions(obj, depth: int = 8) -> list:
             walk(v(), d - 1)
         elif _is_library(type(v)):  # a library's wrapper object (WrappedFun, a callback)
             for name in getattr(type(v), "__slots__", ()):
-                walk(getattr(v, name, None), d - 1)
+                try:
+                    walk(getattr(v, name, None), d - 1)
+                except (AttributeError, TypeError):  # a slot it does not fill, __weakref__
+                    pass
             walk(getattr(v, "__dict__", None), d - 1)
 
     walk(obj, depth)
-    return found
+    return found, arrays
+
+
+def _jax_internal(v) -> bool:
+    """JAX's own objects among a primitive's parameters that hold no user state: jaxprs
+    (``_rules_key`` visits those of the parameters itself), meshes and shardings."""
+    return (hasattr(v, "eqns") or (hasattr(v, "jaxpr") and hasattr(v, "consts"))
+            or isinstance(v, (jax.sharding.Mesh, jax.sharding.AbstractMesh,
+                              jax.sharding.Sharding)))
 
 
 _CALLBACKS = frozenset({"pure_callback", "io_callback", "debug_callback"})
@@ -175,10 +196,11 @@ def _rules_key(jaxpr) -> tuple[tuple, bool]:
     """What the jaxpr's text does not show, and whether it holds private arrays.
 
     The user's functions inside its parameters (custom JVP/VJP rules, host callbacks) are
-    described like closures (an object that cannot be described, by identity), so that
-    two functions differing only there never share a program. An inner jitted closure's
-    constants, an array a rule closes over, or a host callback of the user's (called at
-    run time, with the state its objects have then) are private to this trace.
+    described like closures, so that two functions differing only there never share a
+    program. An inner jitted closure's constants, an array a rule or callback holds, an
+    object a rule holds that cannot be described (a bound Linen module), or a host
+    callback of the user's (called at run time, with the state its objects have then)
+    are private to this trace: compiled for it alone and kept nowhere.
     """
     out: list = []
     private = False
@@ -186,7 +208,7 @@ def _rules_key(jaxpr) -> tuple[tuple, bool]:
     def visit_jaxpr(j):
         nonlocal private
         for eqn in j.eqns:
-            if eqn.primitive.name in _CALLBACKS and _rule_functions(eqn.params):
+            if eqn.primitive.name in _CALLBACKS and any(_rule_functions(eqn.params)):
                 # the program calls this host function object at run time, whose state
                 # may change after the trace: it is never shared with another function
                 private = True
@@ -205,10 +227,12 @@ def _rules_key(jaxpr) -> tuple[tuple, bool]:
                 visit(e)
         elif not isinstance(v, (bool, int, float, str, type(None), np.ndarray, np.dtype,
                                 jax.Array)):
-            for f in _rule_functions(v):
+            found, arrays = _rule_functions(v)
+            private = private or arrays
+            for f in found:
                 d = _Describer(lenient=True)
                 out.append(d.callable(f, arrays=False))
-                private = private or d.opaque_arrays
+                private = private or d.opaque
 
     visit_jaxpr(jaxpr)
     return tuple(out), private
@@ -636,10 +660,10 @@ class _Describer:
     MAX_NODES = 4096  # callables and objects visited at most, before falling back to tracing
 
     def __init__(self, lenient: bool = False):
-        # lenient (a custom rule, a host callback): what cannot be described is compared
-        # by identity instead of falling back (an array so met makes the program private)
+        # lenient (a custom rule, a host callback): what cannot be described (an array, a
+        # bound module) makes the program private instead of falling back
         self.lenient = lenient
-        self.opaque_arrays = False
+        self.opaque = False
         self.leaves: list = []
         self.nodes = 0
         self.active: dict[int, int] = {}  # callables being described -> their depth
@@ -651,11 +675,8 @@ class _Describer:
         except _Fallback:
             if not self.lenient:
                 raise
-            if isinstance(v, (jax.Array, np.ndarray)) or (
-                    callable(v) and type(v).__module__.partition(".")[0] in ("jax", "jaxlib")):
-                self.opaque_arrays = True  # an array, or a jitted closure's hidden ones
-                return ("opaque array",)
-            return ("opaque", _Ref(v))
+            self.opaque = True  # an array, a jitted closure's hidden ones, a bound module
+            return ("opaque",)
 
     def _leaf(self, v, arrays: bool):
         if isinstance(v, jax.core.Tracer):
