@@ -96,6 +96,18 @@ def check_float_tree(tree, argname: str) -> None:
             )
 
 
+def check_finite_tree(tree, argname: str) -> None:
+    """Raise ``FloatingPointError`` naming ``argname`` if a concrete floating leaf holds a
+    NaN or inf (read on the host: no program is compiled; traced leaves are skipped)."""
+    from gne_jax._tree import is_concrete
+
+    for leaf in jax.tree.leaves(tree):
+        if (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
+                and is_concrete(leaf) and not np.isfinite(np.asarray(leaf)).all()):
+            raise FloatingPointError(
+                f"`{argname}` contains NaN or inf (a leaf of shape {tuple(jnp.shape(leaf))}).")
+
+
 def check_input_tree(tree, argname: str) -> None:
     """A real floating-point pytree with at least one element (Jacobians of it are defined).
 

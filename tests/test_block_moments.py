@@ -225,5 +225,12 @@ def test_ensemble_under_outer_jit_and_non_finite_input():
     r = f(KEY)
     eager = ensemble_block_moments(model, x, key=KEY, num_inits=2, num_probes=2, train=False)
     np.testing.assert_allclose(r.blocks.phi, eager.blocks.phi, rtol=1e-6)
-    with pytest.raises(FloatingPointError, match="non-finite Jacobian moments in block"):
+    with pytest.raises(FloatingPointError, match=r"non-finite Jacobian moments in block.*"
+                                                 r"`x` \(the input\) contains NaN"):
         ensemble_block_moments(model, x * jnp.nan, key=KEY, num_inits=2, num_probes=2, train=False)
+    # a model without blocks (a Linen layer, an NNX module) is named before any work
+    import flax.linen as nn
+    from flax import nnx
+    for bad in (nn.Dense(4), nnx.Linear(8, 4, rngs=nnx.Rngs(0))):
+        with pytest.raises(TypeError, match="does not expose blocks"):
+            ensemble_block_moments(bad, x, key=KEY, num_inits=2, train=False)

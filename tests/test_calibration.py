@@ -146,6 +146,33 @@ def test_rejects_bad_arguments():
         calibrate(model, None, x, key=jax.random.key(0))
     with pytest.raises(TypeError, match=r"`model` is a dict \(a model config\?\)"):
         calibrate({"name": "mlp", "depth": 2, "width": 8}, v, x, key=jax.random.key(0))
+    # NaN in the weights or the input: named before any work (was a NaN report and a
+    # warning that blamed the knob)
+    nan_v = jax.tree.map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), v)
+    with pytest.raises(FloatingPointError, match="`variables` contains NaN or inf"):
+        calibrate(model, nan_v, x, key=jax.random.key(0))
+    with pytest.raises(FloatingPointError, match="`x` contains NaN or inf"):
+        calibrate(model, v, x.at[0, 0].set(jnp.inf), key=jax.random.key(0))
+
+
+def test_calibrates_in_float64():
+    """Under jax_enable_x64 the models' parameters are float64: the solver's state follows
+    the moments' dtype (it was float32 and the while_loop refused the float64 carry), and
+    every block's exact φ after calibration is within the tolerance of the target."""
+    with jax.enable_x64(True):
+        model = gne_jax.create_model({"name": "mlp", "depth": 3, "width": 16,
+                                      "num_classes": 4})
+        x = jax.random.normal(jax.random.key(1), (8, 12))
+        v = model.init(jax.random.key(0), x)
+        assert v["params"]["input"]["dense"]["kernel"].dtype == jnp.float64
+        out, rep = calibrate(model, v, x, key=jax.random.key(0), method="exact",
+                             exclude=("head",))
+        assert bool(np.all(rep.converged))
+        exact = gne_jax.block_moments(model, out, x, key=jax.random.key(0), method="exact",
+                                      train=False)
+        phi = np.asarray(exact.blocks.phi)[:-1]  # the head is excluded
+        assert phi.dtype == np.float64
+        np.testing.assert_allclose(phi, 1.0, atol=0.05)
 
 
 def test_compiles_once_per_structure(tanh_mlp):

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gne_jax._tree import is_concrete
-from gne_jax._validate import check_choice, check_key, check_positive_int
+from gne_jax._validate import check_choice, check_finite_tree, check_key, check_positive_int
 from gne_jax.calibration.knobs import count_selected, make_knob
 from gne_jax.calibration.report import CalibrationReport
 from gne_jax.probes.blocks import BlockGroup, single_block
@@ -119,11 +119,12 @@ def _solve_block(apply, knob, p, h, key, g0, active, target, opts):
         return _moments(lambda z: apply(knob(p, g), z), h, jax.random.fold_in(key, it), opts)
 
     k = float(opts.num_probes)
-    logt = jnp.log(target)
-    g0 = jnp.asarray(g0, jnp.float32)
-    m0 = measure(g0, 0)
-    nan = jnp.asarray(jnp.nan, jnp.float32)
-    slope0 = jnp.asarray(opts.slope0, jnp.float32)
+    m0 = measure(jnp.asarray(g0, jnp.float32), 0)
+    dtype = m0[0].dtype  # the moments' dtype (float64 with float64 parameters under x64)
+    logt = jnp.log(target).astype(dtype)
+    g0 = jnp.asarray(g0, dtype)
+    nan = jnp.asarray(jnp.nan, dtype)
+    slope0 = jnp.asarray(opts.slope0, dtype)
     # state: it, g, probes pooled at g, (ln g, ln φ, rel SE) of the previous scale, m, done, slope
     state0 = (jnp.asarray(1), g0, jnp.asarray(k), (nan, nan, nan), m0,
               _accept(m0[0], m0[1], target, opts.tol) | ~active, slope0)
@@ -468,6 +469,8 @@ def calibrate(
     key = check_key(key)
     target = _check_target(target)
     tol = _check_tol(tol)
+    check_finite_tree(x, "x")
+    check_finite_tree(variables, "variables")
     check_positive_int(num_probes, "num_probes", minimum=2)
     check_positive_int(max_iter, "max_iter", minimum=1)
     check_choice(dist, "dist", DISTRIBUTIONS)

@@ -230,14 +230,21 @@ def raise_if_non_finite(names: Sequence[str], finite, x=None, variables=None) ->
     )
 
 
+def check_block_model(model, *, init: bool = False) -> None:
+    """A clear TypeError unless ``model`` has ``blocks`` (and ``init`` when asked)."""
+    if not hasattr(model, "blocks") or (init and not hasattr(model, "init")):
+        needs = "`blocks(variables, x, *, train)`" + (
+            " and `init(key, x, train=False)`" if init else "")
+        raise TypeError(
+            f"`model` ({type(model).__name__}) does not expose blocks: it needs {needs} "
+            f"(see gne_jax.probes.blocks). For any other function, use gne_jax.chain_blocks "
+            f"or gne_jax.jacobian_moments."
+        )
+
+
 def model_blocks(model, variables, x, *, train: bool) -> list[BlockGroup]:
     """``model.blocks(variables, x, train=train)`` with a clear error for a rejected input."""
-    if not hasattr(model, "blocks"):
-        raise TypeError(
-            f"`model` ({type(model).__name__}) does not expose blocks: it needs a "
-            f"`blocks(variables, x, *, train)` method (see gne_jax.probes.blocks). For any other "
-            f"function, use gne_jax.chain_blocks or gne_jax.jacobian_moments."
-        )
+    check_block_model(model)
     try:
         return model.blocks(variables, x, train=train)
     except (ValueError, TypeError) as e:

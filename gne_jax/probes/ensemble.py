@@ -37,6 +37,7 @@ from gne_jax._validate import check_input_tree, check_key, check_positive_int
 from gne_jax.probes.block_moments import (
     BlockMoments,
     block_moments,
+    check_block_model,
     check_group_options,
     probe_compiler_options,
     raise_if_non_finite,
@@ -198,6 +199,7 @@ def plan_ensemble(model, x, *, key, num_inits, train, init_chunk="auto", mesh="a
                                    end_to_end=end_to_end)
     if not isinstance(train, bool):
         raise TypeError(f"`train` must be a bool; got {train!r}.")
+    check_block_model(model, init=True)
     check_input_tree(x, "x")
     num_inits = check_positive_int(num_inits, "num_inits")
     if mesh == "auto":
@@ -248,7 +250,7 @@ def run_plan(plan: EnsemblePlan, compiled=None) -> BlockMoments:
         lambda *a: jnp.concatenate(a), *chunks)
     result = jax.tree.map(lambda a: a[: plan.num_inits], result)
     if is_concrete(result.blocks.finite):  # under an outer jit, `finite` says it instead
-        raise_if_non_finite(result.names, jnp.all(result.blocks.finite, axis=0))
+        raise_if_non_finite(result.names, jnp.all(result.blocks.finite, axis=0), x=plan.x)
     return result
 
 
