@@ -206,6 +206,10 @@ def test_bad_input_names_expected_shape():
     v = model.init(KEY, x, train=False)
     with pytest.raises(ValueError, match=r"rejected the input `x` of shape \(2, 8, 3\)"):
         block_moments(model, v, jnp.ones((2, 8, 3)), key=KEY, train=False)
+    mlp = create_model({"name": "mlp", "depth": 2, "width": 8, "num_classes": 4})
+    vm = mlp.init(KEY, jnp.ones((2, 12)), train=False)
+    with pytest.raises(ValueError, match=r"rejected the input `x` of shape \(2, 10\)"):
+        block_moments(mlp, vm, jnp.ones((2, 10)), key=KEY, train=False)  # 10 features, not 12
     with pytest.raises(TypeError, match="does not expose blocks"):
         block_moments(lambda z: z, v, x, key=KEY, train=False)
     with pytest.raises(ValueError, match="num_inits"):

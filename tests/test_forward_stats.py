@@ -23,7 +23,7 @@ def test_matches_numpy_on_an_mlp():
     """α_in, α_out and the within-sample fraction of every block, recomputed in numpy from the
     kernels (input projection, then relu(h W) per hidden layer)."""
     model, v, x = _mlp()
-    r = fs.forward_stats(model, v, x)
+    r = fs.forward_stats(model, v, x, train=False)
     p = v["params"]
     hs = [np.asarray(x, np.float64)]
     hs.append(hs[-1] @ np.asarray(p["input"]["dense"]["kernel"], np.float64))
@@ -83,7 +83,7 @@ def test_compiles_once_per_structure():
     before = jitted._cache_size()
     for s in range(3):
         v = model.init(jax.random.key(10 + s), x)
-        fs.forward_stats(model, v, x)
+        fs.forward_stats(model, v, x, train=False)
     assert jitted._cache_size() == before + 1
 
 
@@ -94,7 +94,12 @@ def test_helpers_and_bad_input():
     assert float(fs.within_sample_fraction(h)) == pytest.approx(1 - 4.0 / 4.5)
     with pytest.raises(ValueError, match="batch axis"):
         fs.within_sample_fraction(jnp.ones(3))
+    with pytest.raises(ValueError, match="`batch_axis`=3 is not an axis"):
+        fs.within_sample_fraction(jnp.ones((2, 3, 4)), batch_axis=3)
     with pytest.raises(TypeError, match="blocks"):
-        fs.forward_stats(object(), {}, jnp.ones((2, 2)))
+        fs.forward_stats(object(), {}, jnp.ones((2, 2)), train=False)
+    model, v, x = _mlp(width=4, depth=2)
+    with pytest.raises(TypeError, match="'train'"):  # never eval mode by default
+        fs.forward_stats(model, v, x)
     with pytest.raises(ValueError, match="empty"):
         fs.groups_forward_stats([])

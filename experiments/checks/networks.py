@@ -214,7 +214,7 @@ def depth_aware_selu(ctx: Context):
         kx, kv, kp = jax.random.split(k, 3)
         x = jax.random.normal(kx, (16, 512))
         v = model.init(kv, x)
-        fs = forward_stats(model, v, x)
+        fs = forward_stats(model, v, x, train=False)
         bm = gne_jax.block_moments(model, v, x, key=kp, num_probes=16, train=False)
         q10.append(float(fs.alpha_out[9]))
         blk.append(float(np.mean(np.asarray(bm.blocks.phi))))

@@ -62,7 +62,7 @@ def _measure(size: str, seed: int):
             v = model.init(kv, x)
             bm = gne_jax.block_moments(model, v, x, key=kp, num_probes=NUM_PROBES,
                                        train=False)
-            fs = forward_stats(model, v, x)
+            fs = forward_stats(model, v, x, train=False)
             J = jax.jacfwd(lambda z, v=v: model.apply(v, z[None])[0])(x[0])
             ev = np.linalg.eigvalsh(np.asarray(J @ J.T, np.float64))
             c = float(np.sum(np.asarray(bm.branch.phi, np.float64)))

@@ -245,9 +245,11 @@ def check_block_model(model, *, init: bool = False) -> None:
 def model_blocks(model, variables, x, *, train: bool) -> list[BlockGroup]:
     """``model.blocks(variables, x, train=train)`` with a clear error for a rejected input."""
     check_block_model(model)
+    from flax.errors import FlaxError  # (a parameter whose shape does not fit the input)
+
     try:
         return model.blocks(variables, x, train=train)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, FlaxError) as e:
         shapes = jax.tree.map(lambda a: tuple(jnp.shape(a)), x)
         expected = getattr(model, "expected_input_shape", None)
         hint = f" The model expects input of shape {expected}." if expected else ""

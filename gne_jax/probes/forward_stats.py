@@ -91,6 +91,8 @@ def within_sample_fraction(h: jax.Array, batch_axis: int = 0) -> jax.Array:
     h = jnp.asarray(h)
     if h.ndim < 2:
         raise ValueError(f"`h` needs a batch axis and at least one unit axis; got {h.shape}.")
+    if not isinstance(batch_axis, int) or not -h.ndim <= batch_axis < h.ndim:
+        raise ValueError(f"`batch_axis`={batch_axis!r} is not an axis of `h` (shape {h.shape}).")
     return 1.0 - _sample_mean_sq(h, batch_axis) / second_moment(h)
 
 
@@ -149,12 +151,13 @@ def _measure_jit():
     return jax.jit(_measure, static_argnums=(0, 1, 2))
 
 
-def forward_stats(model, variables: PyTree, x: jax.Array, *, train: bool = False,
+def forward_stats(model, variables: PyTree, x: jax.Array, *, train: bool,
                   batch_axis: int = 0) -> ForwardStats:
     """Per-block α_in, α_out and within-sample variance fraction of ``model`` on batch ``x``.
 
     ``model`` exposes ``blocks(variables, x, *, train)`` (every model of ``gne_jax.models``);
-    ``train=True`` uses batch statistics in batch-coupled layers. Compiled once per model and
+    ``train`` (required, as for ``block_moments``): ``True`` uses batch statistics in
+    batch-coupled layers, ``False`` running statistics. Compiled once per model and
     input shape; ``variables`` are data, so vmapping over initializations or calling at a new
     weight state compiles nothing new.
     """
