@@ -101,5 +101,7 @@ def test_helpers_and_bad_input():
     model, v, x = _mlp(width=4, depth=2)
     with pytest.raises(TypeError, match="'train'"):  # never eval mode by default
         fs.forward_stats(model, v, x)
+    with pytest.raises(FloatingPointError, match="`x` contains NaN"):
+        fs.forward_stats(model, v, x.at[0, 0].set(jnp.nan), train=False)
     with pytest.raises(ValueError, match="empty"):
         fs.groups_forward_stats([])

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from gne_jax._validate import check_float_tree
+from gne_jax._validate import check_finite_tree, check_float_tree
 from gne_jax.probes.blocks import BlockGroup
 
 PyTree = Any
@@ -169,4 +169,6 @@ def forward_stats(model, variables: PyTree, x: jax.Array, *, train: bool,
     if not isinstance(train, bool):
         raise TypeError(f"`train` must be a bool; got {train!r}.")
     check_float_tree(x, "x")
+    check_finite_tree(x, "x")
+    check_finite_tree(variables, "variables")
     return _measure_jit()(model, train, int(batch_axis), variables, x)
