@@ -1277,3 +1277,32 @@ def test_rules_and_callbacks_holding_arrays_or_objects_are_private():
         del v, f
     gc.collect()
     assert not any(r() is not None for r in refs)
+
+
+def test_a_custom_jvp_static_argument_is_part_of_the_structure():
+    """From an eighth review: a ``custom_jvp`` whose ``nondiff_argnums`` value changes only
+    its rule traces to the same jaxpr text; the value (bound by JAX inside its wrappers) is
+    part of the structure, so each probe is its own φ, and a new weight state at the same
+    value compiles nothing."""
+    compiled.clear_programs()
+    x = jnp.linspace(-1.0, 1.0, 8)
+    ws = [jnp.asarray(np.random.default_rng(s).standard_normal((8, 8)) / 3, jnp.float32)
+          for s in range(3)]
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+    def f(c, z):
+        return jnp.tanh(z)
+
+    @f.defjvp
+    def f_jvp(c, primals, tangents):
+        (z,), (dz,) = primals, tangents
+        return jnp.tanh(z), c * dz * (1 - jnp.tanh(z) ** 2)
+
+    for c in (1.0, 3.0, 2.0):
+        fn = lambda z, c=c: f(c, ws[0] @ z)  # noqa: E731
+        np.testing.assert_allclose(_phi(fn, x), _exact_phi(fn, x), rtol=1e-5)
+    _phi(lambda z: f(3.0, ws[1] @ z), x)
+    with count_compilations() as events:
+        np.testing.assert_allclose(_phi(lambda z: f(3.0, ws[2] @ z), x),
+                                   _exact_phi(lambda z: f(3.0, ws[2] @ z), x), rtol=1e-5)
+    assert not events, f"{len(events)} compilations at new weights"

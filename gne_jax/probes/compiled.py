@@ -137,6 +137,9 @@ def _rule_functions(obj, depth: int = 8) -> tuple[list, bool]:
         seen.add(id(v))
         if _jax_internal(v):
             return  # a jaxpr (visited as such), a mesh or a sharding (its device array)
+        if type(v).__name__ == "Unhashable" and type(v).__module__.startswith("jax"):
+            found.append(_Bound(v.val))  # a rule's static argument (nondiff_argnums)
+            return
         if isinstance(v, (np.ndarray, jax.Array)):
             arrays = True
         elif isinstance(v, functools.partial):
@@ -179,6 +182,15 @@ def _rule_functions(obj, depth: int = 8) -> tuple[list, bool]:
 
     walk(obj, depth)
     return found, arrays
+
+
+class _Bound:
+    """A value bound to a rule by JAX (a ``custom_jvp``'s ``nondiff_argnums`` argument)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
 
 
 def _jax_internal(v) -> bool:
@@ -231,7 +243,8 @@ def _rules_key(jaxpr) -> tuple[tuple, bool]:
             private = private or arrays
             for f in found:
                 d = _Describer(lenient=True)
-                out.append(d.callable(f, arrays=False))
+                out.append(("bound", d.value(f.value, False)) if isinstance(f, _Bound)
+                           else d.callable(f, arrays=False))
                 private = private or d.opaque
 
     visit_jaxpr(jaxpr)
