@@ -292,7 +292,11 @@ def main(argv=None) -> int:
               + "; ".join(f"{x.quantity}: {x.measured:.4g} vs {x.predicted:.4g}" for x in r[:2]),
               flush=True)
         # after every check, so an interrupted run keeps the summary in step with the CSVs
-        write_summary(merge_summary(old_summary, rows, ids), summary_path)
+        try:  # read again: a concurrent run into the same folder may have added its rows
+            current = read_summary(summary_path)
+        except (OSError, ValueError, csv.Error):
+            current = old_summary
+        write_summary(merge_summary(current, rows, ids), summary_path)
     total = time.perf_counter() - t_start
     others = sorted({r["id"] for r in old_summary} - set(chosen),
                     key=lambda c: ids.index(c) if c in ids else len(ids))

@@ -20,12 +20,14 @@ import os
 
 
 def _config_arg(argv: list[str], name: str = "config") -> str | None:
+    """The value of the last ``--<name>`` flag (the one absl uses), or None."""
+    value = None
     for i, a in enumerate(argv):
         if a.startswith(f"--{name}="):
-            return a.split("=", 1)[1]
-        if a == f"--{name}" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+            value = a.split("=", 1)[1]
+        elif a == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
 
 
 def _one_line(text: str) -> str:
@@ -69,9 +71,9 @@ def load_config_file(spec: str, name: str = "config"):
 
         try:
             inspect.signature(module.get_config).bind(arg)
-        except TypeError:
-            return None, (f"{where}: get_config() takes no argument, but ':{arg}' gives one; "
-                          f"use --{name}={path}")
+        except TypeError as e:
+            return None, (f"{where}: get_config{inspect.signature(module.get_config)} cannot "
+                          f"take the one argument ':{arg}' gives ({_one_line(e)})")
         except ValueError:  # no signature to check: let the call tell
             pass
     try:

@@ -96,6 +96,14 @@ def check_float_tree(tree, argname: str) -> None:
             )
 
 
+def _all_finite(leaf) -> bool:
+    """On the host for NumPy and CPU arrays; on its device otherwise (one bool comes back,
+    not the array)."""
+    if not isinstance(leaf, jax.Array) or all(d.platform == "cpu" for d in leaf.devices()):
+        return bool(np.isfinite(np.asarray(leaf)).all())
+    return bool(jnp.isfinite(leaf).all())
+
+
 def check_finite_tree(tree, argname: str) -> None:
     """Raise ``FloatingPointError`` naming ``argname`` if a concrete floating leaf holds a
     NaN or inf (read on the host: no program is compiled; traced leaves are skipped)."""
@@ -103,7 +111,7 @@ def check_finite_tree(tree, argname: str) -> None:
 
     for leaf in jax.tree.leaves(tree):
         if (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
-                and is_concrete(leaf) and not np.isfinite(np.asarray(leaf)).all()):
+                and is_concrete(leaf) and not _all_finite(leaf)):
             raise FloatingPointError(
                 f"`{argname}` contains NaN or inf (a leaf of shape {tuple(jnp.shape(leaf))}).")
 
@@ -134,14 +142,17 @@ def check_input_tree(tree, argname: str) -> None:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SKIPPED_FRAMES = (_PACKAGE_DIR, os.path.dirname(os.path.abspath(jax.__file__)) + os.sep,
+                   os.path.abspath(functools.__file__))
 
 
 def warn_deprecated(message: str) -> None:
     """A ``DeprecationWarning`` attributed to the caller's line that called into gne_jax,
-    however deep inside the package it is raised (Python's default filters show a
-    DeprecationWarning only when that line is in ``__main__``: a script, a notebook)."""
+    however deep inside the package (or JAX's transformations, a ``functools.partial``) it
+    is raised (Python's default filters show a DeprecationWarning only when that line is
+    in ``__main__``: a script, a notebook)."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED_FRAMES):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, DeprecationWarning, stacklevel=level)
 

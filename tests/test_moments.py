@@ -1,5 +1,7 @@
 """jacobian_moments against exact spectra (closed forms, jacfwd + eigvalsh)."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -423,5 +425,10 @@ def test_old_names_work_with_a_deprecation_warning():
                                      num_matvecs=4)
         gne_jax.curvature.trace(mv, like, key=key, chunk_size=2, num_probes=4)
         gne_jax.log_norms(jnp.tanh, like, key=key, dist="gaussian", num_probes=2)
-    assert [w.filename for w in (*record, *more)] == [__file__] * (1 + len(more)), [
-        (w.filename, w.lineno) for w in (*record, *more)]
+    # ...also when the package function is handed to a JAX transformation directly
+    with pytest.warns(DeprecationWarning) as through_jax:
+        jax.vmap(functools.partial(gne_jax.log_norms, jnp.sin, dist="gaussian", num_probes=2))(
+            jnp.ones((2, 6)), key=jax.random.split(key, 2))
+    assert [w.filename for w in (*record, *more, *through_jax)] == [__file__] * (
+        1 + len(more) + len(through_jax)), [(w.filename, w.lineno)
+                                            for w in (*record, *more, *through_jax)]

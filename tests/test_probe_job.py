@@ -217,17 +217,69 @@ def test_interrupted_or_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):
     assert sorted(p.name for p in root.iterdir()) == sorted([*first, "run-2"])
 
 
+def test_publishing_is_atomic_against_a_concurrent_run_and_odd_paths(tmp_path, monkeypatch):
+    """Two runs that finish together into one empty workdir: one takes the workdir (claimed
+    by creating results.csv exclusively), the other goes to run-2, each whole. A failed
+    run's clean-up does not break a concurrent run of the same new workdir, and a workdir
+    written with '..' leaves none of the folders it made."""
+    from gne_jax.probes import job
+
+    root = tmp_path / "wd"
+    root.mkdir()
+
+    def finished(tag):
+        t = job._new_partial_dir(root)
+        for n in ("phi_per_block.png", "results.json", "results.csv"):
+            (t / n).write_text(tag)
+        return t
+
+    a, b = finished("A"), finished("B")
+    real, where = os.replace, {}
+
+    def interleaved(src, dst):  # B publishes right after A's first file is moved
+        real(src, dst)
+        if not where and str(src).startswith(str(a)):
+            where["B"] = job.publish_run(b, root)
+
+    monkeypatch.setattr(os, "replace", interleaved)
+    where["A"] = job.publish_run(a, root)
+    monkeypatch.setattr(os, "replace", real)
+    assert sorted(where.values()) == sorted([root, root / "run-2"])
+    for tag, folder in where.items():
+        assert {p.read_text() for p in folder.iterdir() if p.is_file()} == {tag}
+        assert sorted(p.name for p in folder.iterdir() if p.is_file()) == [
+            "phi_per_block.png", "results.csv", "results.json"]
+
+    new = tmp_path / "new"
+    made_a, made_b = job._missing_dirs(new), job._missing_dirs(new)
+    job.prepare_workdir(new)
+    job._remove_empty(made_a)  # run A failed; run B is still computing
+    assert job._new_partial_dir(new).is_dir()
+    del made_b
+
+    monkeypatch.chdir(tmp_path)
+    made = job._missing_dirs(pathlib.Path("x/../y"))
+    job.prepare_workdir("x/../y")
+    job._remove_empty(made)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_command_line_reports_a_bad_config_file_in_one_line(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "GNE_JAX_CACHE_DIR": str(tmp_path / "cache")}
     (tmp_path / "syntax.py").write_text("def get_config(:\n")
     (tmp_path / "empty.py").write_text("x = 1\n")
+    (tmp_path / "two.py").write_text("def get_config(a, b):\n    return None\n")
     cases = [("configs/probe/nope.py", "error: --config: configs/probe/nope.py: no such file"),
              (str(tmp_path / "syntax.py"), "syntax.py: syntax error at line 1"),
              (str(tmp_path / "empty.py"), "empty.py: defines no get_config()"),
-             ("configs/probe/smoke.py:x", "get_config() takes no argument, but ':x' gives one")]
+             ("configs/probe/smoke.py:x", "get_config() cannot take the one argument ':x'"),
+             (str(tmp_path / "two.py") + ":x", "get_config(a, b) cannot take the one argument"),
+             # absl reads the last --config: the first one is not what is checked
+             ("configs/probe/smoke.py --config configs/probe/nope.py", "nope.py: no such file")]
     for config, message in cases:
         bad = subprocess.run(
-            [sys.executable, "-m", "gne_jax.probe", "--config", config,
+            [sys.executable, "-m", "gne_jax.probe", *sum((["--config", c] for c in
+                                                          config.split(" --config ")), []),
              "--workdir", str(tmp_path / "w"), "--config.num_inits=1"],
             env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert bad.returncode == 1, bad.stderr[-2000:]

@@ -95,13 +95,17 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
 
 
 def _missing_dirs(path: Path) -> list[Path]:
-    """``path`` and those of its parents that do not exist yet, deepest first."""
+    """The folders ``path.mkdir(parents=True)`` will create, deepest first: each prefix of
+    the path as written (``x/../y`` creates ``x`` and ``y``) that does not exist yet."""
+    parts = Path(path).absolute().parts
     out = []
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path.parent != path:
-        out.append(path)
-        path = path.parent
-    return out
+    for i in range(1, len(parts) + 1):
+        if parts[i - 1] in (".", ".."):
+            continue
+        prefix = Path(os.path.normpath(Path(*parts[:i])))
+        if not prefix.exists() and prefix not in out:
+            out.append(prefix)
+    return out[::-1]
 
 
 def _remove_empty(dirs: list[Path]) -> None:
@@ -123,20 +127,32 @@ def _new_partial_dir(root: Path) -> Path:
             return tmp
         except FileExistsError:
             continue
+        except FileNotFoundError:  # a concurrent run that failed removed the empty workdir
+            root.mkdir(parents=True, exist_ok=True)
 
 
 def holds_results(root: Path) -> bool:
     return any((root / f).exists() for f in RESULT_FILES)
 
 
+def _claim(path: Path) -> bool:
+    """Creates the empty file ``path`` if it does not exist (atomically: of two runs, one
+    gets it)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def publish_run(tmp: Path, root: Path) -> Path:
     """Moves the finished run in ``tmp`` into place and returns where it went: ``root``
     itself while ``root`` holds no results, else the first free ``root/run-N`` (N >= 2),
     into which ``tmp`` is renamed in one step. Interrupted, it leaves ``root`` as it was."""
-    if not holds_results(root):
-        # results.csv last: the run counts as present only once all its files are there.
-        files = sorted(tmp.iterdir(), key=lambda p: (p.name == "results.csv",
-                                                      p.name in RESULT_FILES, p.name))
+    if not holds_results(root) and _claim(root / "results.csv"):
+        # root is this run's: its other files, then results.csv over the claim (an empty
+        # results.csv is a run still being moved in)
+        files = sorted(tmp.iterdir(), key=lambda p: p.name == "results.csv")
         moved = []
         try:
             for p in files:
@@ -145,6 +161,7 @@ def publish_run(tmp: Path, root: Path) -> Path:
         except BaseException:
             for p in moved:
                 p.unlink(missing_ok=True)
+            (root / "results.csv").unlink(missing_ok=True)
             raise
         tmp.rmdir()
         return root
