@@ -16,7 +16,7 @@ every block j maps its input h_j to h_{j+1}. This module reports, per block,
   Kaiming layers on white noise (``gne_jax.theory.sample_variance``).
 
 The statistics are pure JAX: ``groups_forward_stats`` works under ``jit`` and ``vmap`` (vmap
-over initializations), and ``forward_stats(model, variables, x)`` compiles once per model
+over initializations), and ``forward_stats(model, variables, x, train=...)`` compiles once per model
 structure, the variables being arguments of the program (not constants).
 """
 
