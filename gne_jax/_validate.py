@@ -96,7 +96,7 @@ def check_float_tree(tree, argname: str) -> None:
             )
 
 
-def _all_finite(leaf) -> bool:
+def _leaf_finite(leaf) -> bool:
     """On the host for NumPy and CPU arrays; on its device otherwise (one bool comes back,
     not the array)."""
     if not isinstance(leaf, jax.Array) or all(d.platform == "cpu" for d in leaf.devices()):
@@ -111,7 +111,7 @@ def check_finite_tree(tree, argname: str) -> None:
 
     for leaf in jax.tree.leaves(tree):
         if (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
-                and is_concrete(leaf) and not _all_finite(leaf)):
+                and is_concrete(leaf) and not _leaf_finite(leaf)):
             raise FloatingPointError(
                 f"`{argname}` contains NaN or inf (a leaf of shape {tuple(jnp.shape(leaf))}).")
 
