@@ -41,8 +41,7 @@ def load_config_file(spec: str, name: str = "config"):
     Reads the file as ``ml_collections.config_flags`` does: relative to the working
     directory, the argument after the first ``:`` passed to ``get_config``.
     """
-    import importlib.machinery  # noqa: PLC0415
-    import importlib.util  # noqa: PLC0415
+    from gne_jax.training.config import config_module  # noqa: PLC0415 (ml_collections only)
 
     path, *rest = spec.split(":", 1)
     arg = rest[0] if rest else None
@@ -53,12 +52,8 @@ def load_config_file(spec: str, name: str = "config"):
         return None, f"{where}: is a directory; expected a config file (.py)"
     if not os.path.isfile(path):
         return None, f"{where}: no such file; expected a config file (.py)"
-    module_name = "_gne_cli_config_" + os.path.splitext(os.path.basename(path))[0]
     try:
-        loader = importlib.machinery.SourceFileLoader(module_name, path)
-        module = importlib.util.module_from_spec(
-            importlib.util.spec_from_file_location(module_name, path, loader=loader))
-        loader.exec_module(module)
+        module = config_module(path)
     except SyntaxError as e:
         return None, f"{where}: syntax error at line {e.lineno}: {e.msg}"
     except Exception as e:  # noqa: BLE001  (anything the file raises while it is imported)
@@ -98,11 +93,6 @@ def config_error(argv: list[str], name: str = "config") -> str | None:
     if message is not None:
         return message
     return _unknown_field(argv, config, name)
-
-
-def unknown_override(argv: list[str], name: str = "config") -> str | None:
-    """Same as :func:`config_error` (kept under its earlier name)."""
-    return config_error(argv, name)
 
 
 def _unknown_field(argv: list[str], config, name: str) -> str | None:

@@ -98,15 +98,23 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of the config file ``path`` (how ``*_smoke.py`` reuse a full config)."""
+def config_module(path: str):
+    """The config file ``path`` executed as a module (whatever its suffix)."""
+    import importlib.machinery  # noqa: PLC0415
     import importlib.util  # noqa: PLC0415
     import os  # noqa: PLC0415
 
     name = "_gne_config_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    loader = importlib.machinery.SourceFileLoader(name, path)
+    module = importlib.util.module_from_spec(
+        importlib.util.spec_from_file_location(name, path, loader=loader))
+    loader.exec_module(module)
+    return module
+
+
+def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of the config file ``path`` (how ``*_smoke.py`` reuse a full config)."""
+    module = config_module(path)
     return module.get_config() if arg is None else module.get_config(arg)
 
 
